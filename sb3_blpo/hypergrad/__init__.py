@@ -9,12 +9,34 @@ from sb3_blpo.hypergrad.hvp import (
     parameter_count,
     unflatten_like,
 )
+from sb3_blpo.hypergrad.implicit import Hypergradient, bound_correction, implicit_hypergradient
+from sb3_blpo.hypergrad.solvers import (
+    SOLVERS,
+    ConjugateGradientSolver,
+    DenseSolver,
+    IHVPResult,
+    IHVPSolver,
+    NeumannSolver,
+    NystromSolver,
+    make_solver,
+)
 
 __all__ = [
+    "SOLVERS",
+    "ConjugateGradientSolver",
+    "DenseSolver",
     "HessianVectorProduct",
+    "Hypergradient",
+    "IHVPResult",
+    "IHVPSolver",
+    "NeumannSolver",
+    "NystromSolver",
+    "bound_correction",
     "flat_grad",
     "flatten",
     "hessian_vector_product",
+    "implicit_hypergradient",
+    "make_solver",
     "mixed_vector_product",
     "parameter_count",
     "unflatten_like",

@@ -1,0 +1,109 @@
+"""Hypergradient of a bilevel problem by the implicit function theorem.
+
+Pure torch: nothing here imports Stable-Baselines3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch as th
+
+from sb3_blpo.hypergrad.hvp import HessianVectorProduct, Params, flatten
+from sb3_blpo.hypergrad.solvers import IHVPResult, IHVPSolver
+
+
+@dataclass
+class Hypergradient:
+    """The parts of an implicit hypergradient, all flat and detached.
+
+    :param direct: ``∇θ f``, the partial gradient w.r.t. the outer (leader) parameters.
+    :param outer_grad_inner: ``v = ∇w f``, the outer loss's gradient w.r.t. the inner (follower) parameters.
+    :param correction: ``u = ∂²g/∂θ∂w · x`` with ``x ≈ (∇²ww g)⁻¹ v``, before any norm bound.
+    :param ihvp: the IHVP solve that produced ``x``.
+    """
+
+    direct: th.Tensor
+    outer_grad_inner: th.Tensor
+    correction: th.Tensor
+    ihvp: IHVPResult
+
+    @property
+    def total(self) -> th.Tensor:
+        """The total derivative ``dF/dθ = direct − correction`` (unbounded)."""
+        return self.direct - self.correction
+
+
+def implicit_hypergradient(
+    outer_loss: th.Tensor,
+    inner_loss: th.Tensor,
+    outer_params: Params,
+    inner_params: Params,
+    solver: IHVPSolver,
+    damping: float = 0.0,
+) -> Hypergradient:
+    """Hypergradient of ``min_θ F(θ) = f(θ, w*(θ))`` with ``w*(θ) = argmin_w g(θ, w)``.
+
+    Differentiating the optimality condition ``∇w g(θ, w*(θ)) = 0`` gives ``dw*/dθ = −(∇²ww g)⁻¹ ∇²wθ g``, hence
+
+        dF/dθ = ∇θ f − ∇²θw g · (∇²ww g)⁻¹ ∇w f
+
+    evaluated at the current ``(θ, w)``, which should be (close to) a minimiser of ``g`` in ``w``. Cost: one
+    first-order backward of ``f``, one ``create_graph`` backward of ``g`` (reused by every product), the solver's
+    products, and one mixed product.
+
+    :param outer_loss: scalar ``f(θ, w)``.
+    :param inner_loss: scalar ``g(θ, w)``; its graph must reach both parameter sets for a non-zero correction.
+    :param outer_params: ``θ``, the leader's parameters.
+    :param inner_params: ``w``, the follower's parameters (disjoint from ``θ``).
+    :param solver: the IHVP solver for ``x ≈ (∇²ww g + damping·I)⁻¹ ∇w f``.
+    :param damping: ``λ >= 0`` added to ``∇²ww g`` inside the Hessian-vector product, on top of any ridge or
+        damping the solver itself adds.
+    :return: the direct term, ``∇w f``, the correction and the IHVP result; ``.total`` is the hypergradient.
+    """
+    outer_params, inner_params = list(outer_params), list(inner_params)
+    if outer_loss.dim() != 0:
+        raise ValueError(f"outer_loss must be a scalar, got shape {tuple(outer_loss.shape)}")
+    if not callable(getattr(solver, "solve", None)):
+        raise TypeError(f"solver must be an IHVPSolver (see make_solver), got {type(solver).__name__}")
+    damping = float(damping)
+    if not math.isfinite(damping) or damping < 0.0:
+        raise ValueError(f"damping must be a finite float >= 0, got {damping}")
+    inner_ids = {id(p) for p in inner_params}
+    if any(id(p) in inner_ids for p in outer_params):
+        raise ValueError("outer_params and inner_params must be disjoint; a tensor appears in both")
+
+    # retain_graph: f and g usually share part of the forward graph (e.g. the critic's values), and the
+    # create_graph backward of g below still needs it.
+    grads = th.autograd.grad(outer_loss, outer_params + inner_params, retain_graph=True, allow_unused=True)
+    n_outer = len(outer_params)
+    direct = flatten(grads[:n_outer], like=outer_params).detach()
+    v = flatten(grads[n_outer:], like=inner_params).detach()
+
+    hvp = HessianVectorProduct(inner_loss, inner_params, damping=damping)
+    ihvp = solver.solve(hvp, v)
+    correction = hvp.mixed_product(outer_params, ihvp.x).detach()
+    return Hypergradient(direct=direct, outer_grad_inner=v, correction=correction, ihvp=ihvp)
+
+
+def bound_correction(direct: th.Tensor, correction: th.Tensor, bound: float) -> tuple[th.Tensor, bool]:
+    """Scale the correction so that ``‖u‖ <= bound·‖direct‖`` (BLPO's ``IHVP_BOUND`` stabiliser).
+
+    The direction of ``u`` is kept; only its norm is capped (global L2 norms).
+
+    :param direct: ``∇θ f``, flat.
+    :param correction: ``u``, flat.
+    :param bound: ``β >= 0``; ``math.inf`` disables the bound, ``0`` removes the correction.
+    :return: the (possibly scaled) correction and whether scaling was applied.
+    """
+    bound = float(bound)
+    if math.isnan(bound) or bound < 0.0:
+        raise ValueError(f"bound must be a float >= 0 (inf for no bound), got {bound}")
+    if math.isinf(bound):
+        return correction, False
+    limit = bound * float(direct.norm())
+    norm = float(correction.norm())
+    if norm <= limit:
+        return correction, False
+    return correction * (limit / norm), True

@@ -1,0 +1,372 @@
+"""Inverse-Hessian-vector-product (IHVP) solvers behind one interface.
+
+Every solver approximates ``x ≈ (H + ridge)^{-1} v`` given only a Hessian-vector product ``hvp`` and the vector
+``v``. ``hvp`` maps a ``(P,)`` vector to ``(P,)`` and an ``(m, P)`` batch to ``(m, P)``, as
+:class:`~sb3_blpo.hypergrad.hvp.HessianVectorProduct` does, so a plain matrix works too (``lambda V: V @ H.T``).
+
+Pure torch: nothing here imports Stable-Baselines3. Solvers that need randomness own a seeded CPU
+``torch.Generator`` and never touch the global RNG, so adding a solver to a training loop does not change the
+rest of the run's random stream.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch as th
+
+HVP = Callable[[th.Tensor], th.Tensor]
+
+
+@dataclass
+class IHVPResult:
+    """Outcome of one IHVP solve.
+
+    :param x: the approximate solution ``(H + ridge)^{-1} v``, flat, same dtype and device as ``v``.
+    :param n_products: number of Hessian-vector products spent (a batch of ``m`` vectors counts ``m``).
+    :param converged: ``False`` when the solver stopped on a fault (non-positive curvature, singular core,
+        divergence, non-finite values); ``x`` is then a finite, safe fallback whenever one exists.
+    :param info: solver-specific float diagnostics (iterations, residual norm, fault flags as 1.0/0.0, ...).
+    """
+
+    x: th.Tensor
+    n_products: int
+    converged: bool
+    info: dict[str, float] = field(default_factory=dict)
+
+
+# --- argument validation -------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} of type {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any, *, positive: bool) -> float:
+    accepted = "a finite float > 0" if positive else "a finite float >= 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {accepted}, got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0 or (positive and value == 0.0):
+        raise ValueError(f"{name} must be {accepted}, got {value}")
+    return value
+
+
+def _check_seed(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be None or an integer in [0, 2**64), got {value!r} of type {type(value).__name__}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be None or an integer in [0, 2**64), got {value}")
+    return int(value)
+
+
+def _check_vector(v: th.Tensor) -> None:
+    if not isinstance(v, th.Tensor) or v.dim() != 1:
+        shape = tuple(v.shape) if isinstance(v, th.Tensor) else type(v).__name__
+        raise ValueError(f"v must be a flat (P,) tensor, got {shape}")
+    if not v.is_floating_point():
+        raise TypeError(f"v must be a floating-point tensor, got dtype {v.dtype}")
+
+
+def _product(hvp: HVP, vectors: th.Tensor) -> th.Tensor:
+    """Apply ``hvp`` and check the shape, so a wrong operator fails here rather than deep inside a solver."""
+    out = hvp(vectors)
+    if not isinstance(out, th.Tensor) or out.shape != vectors.shape:
+        got = tuple(out.shape) if isinstance(out, th.Tensor) else type(out).__name__
+        raise ValueError(f"hvp must return the shape of its input {tuple(vectors.shape)}, got {got}")
+    return out.detach()
+
+
+# --- interface -----------------------------------------------------------------------------------------------------
+
+
+class IHVPSolver(abc.ABC):
+    """Approximates ``(H + ridge)^{-1} v`` from Hessian-vector products only."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def solve(self, hvp: HVP, v: th.Tensor) -> IHVPResult:
+        """Approximate ``(H + ridge)^{-1} v``.
+
+        :param hvp: maps a ``(P,)`` vector to ``H v`` and an ``(m, P)`` batch to the ``(m, P)`` batch of products.
+        :param v: the right-hand side, shape ``(P,)``.
+        :return: the solution with its cost and diagnostics.
+        """
+
+    def __repr__(self) -> str:
+        # Constructor arguments are stored under their own names (or exposed as properties), so the repr can be
+        # rebuilt from the signature and stays in sync with it.
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        args = ", ".join(f"{n}={getattr(self, n)!r}" for n in names)
+        return f"{type(self).__name__}({args})"
+
+
+class NystromSolver(IHVPSolver):
+    """Nyström IHVP (Hataya & Yamada 2023): a rank-``k`` column-sampled approximation inverted by Woodbury.
+
+    Each call samples ``k = min(rank, P)`` distinct coordinates ``K`` uniformly without replacement (fresh ones
+    every call, from the solver's own seeded generator), gets the Hessian rows ``C = H[K, :]`` (``k x P``) with one
+    batched product on the one-hot vectors, takes the core ``M = H[K, K]`` (symmetrised) and returns
+
+        x = v/ρ − Cᵀ (M + jitter·I + C Cᵀ/ρ)⁻¹ C v / ρ²
+
+    with the ``k x k`` solve in float64. By the Woodbury identity this equals ``(Cᵀ (M + jitter·I)⁻¹ C + ρ I)⁻¹ v``;
+    with ``jitter = 0`` it is the exact Nyström inverse ``(Cᵀ M⁻¹ C + ρI)⁻¹ v`` and with ``rank = P`` it is
+    ``(H + ρI)⁻¹ v``.
+
+    ``jitter > 0`` shifts the core to ``M + jitter·I``. That keeps the ``k x k`` solve well posed when ``M`` is
+    singular or indefinite (a neural critic's MSE Hessian is not PSD), but it also shrinks the low-rank curvature,
+    so the result moves towards ``v/ρ`` and is no longer exact at ``rank = P``. The BLPO authors' code effectively
+    used ``jitter = 1`` (an identity inside the solve) with ``ρ = 50``.
+
+    ``ρ`` is a ridge added to ``H``, not a small damping: with a large ``ρ`` the result is close to ``v/ρ``.
+
+    If the core solve fails or produces non-finite values the solver returns ``x = v/ρ`` (the ridge-only inverse)
+    with ``converged=False`` and ``info["singular_core"] = 1.0``.
+
+    :param rank: number of sampled coordinates ``k`` (capped at ``P`` per call; see :meth:`validate_dim`).
+    :param rho: ridge ``ρ > 0``.
+    :param jitter: ``>= 0`` added to the core's diagonal.
+    :param seed: seed of the solver's own CPU generator; ``None`` seeds it non-deterministically.
+    """
+
+    name: ClassVar[str] = "nystrom"
+
+    def __init__(self, rank: int = 5, rho: float = 1.0, jitter: float = 0.0, seed: int | None = None) -> None:
+        self._rank = _check_int("rank", rank, 1)
+        self.rho = _check_float("rho", rho, positive=True)
+        self.jitter = _check_float("jitter", jitter, positive=False)
+        self.seed = None if seed is None else _check_seed("seed", seed)
+        self._generator = th.Generator()
+        if self.seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(self.seed)
+
+    @property
+    def rank(self) -> int:
+        """The requested number of sampled coordinates."""
+        return self._rank
+
+    def reseed(self, seed: int) -> None:
+        """Restart the coordinate sampling from ``seed`` (the same seed gives the same sequence of index sets)."""
+        self.seed = _check_seed("seed", seed)
+        self._generator.manual_seed(self.seed)
+
+    def validate_dim(self, dim: int) -> None:
+        """Raise ``ValueError`` if ``rank`` exceeds the parameter count ``dim`` (callers check this up front)."""
+        dim = _check_int("dim", dim, 1)
+        if self._rank > dim:
+            raise ValueError(f"rank ({self._rank}) must not exceed the number of parameters ({dim})")
+
+    def solve(self, hvp: HVP, v: th.Tensor) -> IHVPResult:
+        _check_vector(v)
+        dim = v.numel()
+        k = min(self._rank, dim)
+        # randperm on the CPU generator, then move: a CUDA v must not need a CUDA generator.
+        indices = th.randperm(dim, generator=self._generator)[:k].to(v.device)
+        basis = v.new_zeros(k, dim)
+        basis[th.arange(k, device=v.device), indices] = 1.0
+        rows = _product(hvp, basis).to(th.float64)
+        info = {"rank": float(k), "singular_core": 0.0}
+        v64 = v.detach().to(th.float64)
+
+        core_m = rows[:, indices]
+        core_m = 0.5 * (core_m + core_m.T)
+        eye = th.eye(k, dtype=th.float64, device=v.device)
+        core = core_m + self.jitter * eye + rows @ rows.T / self.rho
+        y, status = th.linalg.solve_ex(core, (rows @ v64).unsqueeze(-1))
+        x = v64 / self.rho - (rows.T @ y.squeeze(-1)) / self.rho**2
+        if int(status.item()) != 0 or not bool(th.isfinite(x).all()):
+            info["singular_core"] = 1.0
+            return IHVPResult(x=(v64 / self.rho).to(v.dtype), n_products=k, converged=False, info=info)
+        return IHVPResult(x=x.to(v.dtype), n_products=k, converged=True, info=info)
+
+
+class ConjugateGradientSolver(IHVPSolver):
+    """Conjugate gradient on ``(H + damping·I) x = v`` from ``x0 = 0`` (deterministic, no RNG).
+
+    CG assumes a positive-definite operator. When a search direction has ``pᵀ(H + λI)p <= 0`` (or a non-finite
+    value) it stops and returns the current iterate (zero if this happens on the first step) with
+    ``converged=False`` and ``info["negative_curvature"] = 1.0``. Reaching ``max_iter`` is not a fault: the
+    result then has ``converged=True`` and ``info["tol_reached"] = 0.0``.
+
+    :param max_iter: maximum number of CG iterations (one product each).
+    :param damping: ``λ >= 0`` added to ``H``.
+    :param tol: stop once the squared residual norm ``‖v − (H + λI)x‖²`` is below ``tol``.
+    """
+
+    name: ClassVar[str] = "cg"
+
+    def __init__(self, max_iter: int = 20, damping: float = 0.1, tol: float = 1e-10) -> None:
+        self.max_iter = _check_int("max_iter", max_iter, 1)
+        self.damping = _check_float("damping", damping, positive=False)
+        self.tol = _check_float("tol", tol, positive=False)
+
+    def solve(self, hvp: HVP, v: th.Tensor) -> IHVPResult:
+        _check_vector(v)
+        v = v.detach()
+        x = th.zeros_like(v)
+        residual = v.clone()
+        direction = residual.clone()
+        res_sq = float(residual @ residual)
+        n_products, iterations = 0, 0
+        negative_curvature = tol_reached = False
+        if res_sq < self.tol:
+            tol_reached = True
+        while not tol_reached and iterations < self.max_iter:
+            product = _product(hvp, direction) + self.damping * direction
+            n_products += 1
+            curvature = float(direction @ product)
+            if not math.isfinite(curvature) or curvature <= 0.0:
+                negative_curvature = True
+                break
+            step = res_sq / curvature
+            x = x + step * direction
+            residual = residual - step * product
+            new_res_sq = float(residual @ residual)
+            iterations += 1
+            if not math.isfinite(new_res_sq):
+                # Treated as a curvature fault: the iterate before this step is the last trustworthy one.
+                x = x - step * direction
+                negative_curvature = True
+                break
+            if new_res_sq < self.tol:
+                res_sq = new_res_sq
+                tol_reached = True
+                break
+            direction = residual + (new_res_sq / res_sq) * direction
+            res_sq = new_res_sq
+        info = {
+            "iterations": float(iterations),
+            "residual_norm": math.sqrt(res_sq),
+            "negative_curvature": float(negative_curvature),
+            "tol_reached": float(tol_reached),
+        }
+        return IHVPResult(x=x, n_products=n_products, converged=not negative_curvature, info=info)
+
+
+class NeumannSolver(IHVPSolver):
+    """Truncated Neumann series ``x = α Σ_{j=0}^{J} (I − α(H + λI))^j v`` with ``J = iters`` (Lorraine et al. 2020).
+
+    It converges to ``(H + λI)^{-1} v`` only when ``‖I − α(H + λI)‖ < 1``, i.e. ``0 < α < 2/λmax`` on a PD
+    operator, and is biased for small ``J``. One extra product gives the residual for free:
+    ``(H + λI)x − v = −(I − α(H + λI))^{J+1} v``, reported as ``info["residual_norm"]``. A residual larger than
+    ``‖v‖`` (the residual of ``x = 0``) means the series is diverging for this ``α``; that, or non-finite values,
+    gives ``converged=False`` and ``info["diverged"] = 1.0``. On non-finite values ``x`` is the last finite partial
+    sum.
+
+    :param iters: number of series terms after the first, ``J >= 0`` (``J + 1`` products in total).
+    :param alpha: step ``α > 0``.
+    :param damping: ``λ >= 0`` added to ``H``.
+    """
+
+    name: ClassVar[str] = "neumann"
+
+    def __init__(self, iters: int = 20, alpha: float = 0.01, damping: float = 0.0) -> None:
+        self.iters = _check_int("iters", iters, 0)
+        self.alpha = _check_float("alpha", alpha, positive=True)
+        self.damping = _check_float("damping", damping, positive=False)
+
+    def solve(self, hvp: HVP, v: th.Tensor) -> IHVPResult:
+        _check_vector(v)
+        v = v.detach()
+        term = v.clone()
+        total = v.clone()
+        n_products, finite = 0, True
+        for _ in range(self.iters + 1):
+            term = term - self.alpha * (_product(hvp, term) + self.damping * term)
+            n_products += 1
+            if not bool(th.isfinite(term).all()):
+                finite = False
+                break
+            if n_products <= self.iters:
+                total = total + term
+        x = self.alpha * total
+        residual_norm = float(term.norm()) if finite else math.inf
+        diverged = not finite or not bool(th.isfinite(x).all()) or residual_norm > float(v.norm())
+        # Every product but the last added one series term (the last gave the residual or the first non-finite term).
+        info = {"iterations": float(n_products - 1), "residual_norm": residual_norm, "diverged": float(diverged)}
+        return IHVPResult(x=x, n_products=n_products, converged=not diverged, info=info)
+
+
+class DenseSolver(IHVPSolver):
+    """Exact solve on the full matrix: ``P`` products (one batched call on the identity) and an O(P³) solve.
+
+    Meant for small networks and as a test oracle. The ``P x P`` solve runs in float64; if the matrix is singular
+    it falls back to the minimum-norm least-squares solution (pseudo-inverse) with ``converged=False`` and
+    ``info["singular"] = 1.0``.
+
+    :param damping: ``λ >= 0`` added to ``H``.
+    """
+
+    name: ClassVar[str] = "dense"
+
+    def __init__(self, damping: float = 0.0) -> None:
+        self.damping = _check_float("damping", damping, positive=False)
+
+    def solve(self, hvp: HVP, v: th.Tensor) -> IHVPResult:
+        _check_vector(v)
+        dim = v.numel()
+        eye = th.eye(dim, dtype=v.dtype, device=v.device)
+        # Row i of hvp(I) is H e_i, i.e. column i of H: transpose to get H itself.
+        matrix = _product(hvp, eye).to(th.float64).T
+        matrix = matrix + self.damping * th.eye(dim, dtype=th.float64, device=v.device)
+        v64 = v.detach().to(th.float64)
+        x, status = th.linalg.solve_ex(matrix, v64.unsqueeze(-1))
+        x = x.squeeze(-1)
+        singular = int(status.item()) != 0 or not bool(th.isfinite(x).all())
+        if singular:
+            x = th.linalg.pinv(matrix) @ v64
+        info = {"singular": float(singular), "residual_norm": float((matrix @ x - v64).norm())}
+        return IHVPResult(x=x.to(v.dtype), n_products=dim, converged=not singular, info=info)
+
+
+SOLVERS: dict[str, type[IHVPSolver]] = {
+    cls.name: cls for cls in (NystromSolver, ConjugateGradientSolver, NeumannSolver, DenseSolver)
+}
+
+
+def make_solver(name: str | IHVPSolver | None, **kwargs: Any) -> IHVPSolver | None:
+    """Build a solver from its name, pass an instance through, or return ``None`` for "no IHVP".
+
+    :param name: one of ``"nystrom"``, ``"cg"``, ``"neumann"``, ``"dense"`` (case-insensitive), an
+        :class:`IHVPSolver` instance (then ``kwargs`` must be empty), or ``None``.
+    :param kwargs: constructor arguments of the named solver.
+    :raises ValueError: on an unknown name, an unknown keyword, or an out-of-range value.
+    :raises TypeError: on a ``name`` of the wrong type or a value of the wrong type.
+    """
+    if name is None:
+        if kwargs:
+            raise ValueError(f"make_solver(None) takes no solver arguments, got {sorted(kwargs)}")
+        return None
+    if isinstance(name, IHVPSolver):
+        if kwargs:
+            raise ValueError(f"solver arguments {sorted(kwargs)} cannot be applied to an existing solver instance {name!r}")
+        return name
+    if not isinstance(name, str):
+        raise TypeError(
+            f"solver must be a name in {sorted(SOLVERS)}, an IHVPSolver instance or None, got {type(name).__name__}"
+        )
+    key = name.strip().lower()
+    if key not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; accepted values: {', '.join(sorted(SOLVERS))}")
+    cls = SOLVERS[key]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown argument(s) {', '.join(map(repr, unknown))} for solver {key!r}; accepted: {', '.join(accepted)}"
+        )
+    return cls(**kwargs)
