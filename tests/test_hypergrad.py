@@ -86,9 +86,10 @@ def test_hvp_matches_functorch_hessian():
     assert th.allclose(damped(vector), expected @ vector + 0.3 * vector, atol=1e-10, rtol=1e-8)
 
 
-def test_batched_and_looped_products_agree():
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_batched_and_looped_products_agree(vectorize):
     _, params, loss, _ = _small_mlp_loss(seed=3)
-    hvp = HessianVectorProduct(loss, params)
+    hvp = HessianVectorProduct(loss, params, vectorize=vectorize)
     batch = _randn(4, hvp.dim, seed=7)
     batched = hvp(batch)
     looped = th.stack([hvp(row) for row in batch])

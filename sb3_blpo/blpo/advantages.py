@@ -36,25 +36,45 @@ class EpisodeKernel:
         starts[:, 0] = 0
         self.segment = th.cumsum(starts, dim=1)
         self.steps = th.arange(self.n_steps, device=episode_starts.device)
+        self._powers: dict[tuple[float, th.dtype], th.Tensor] = {}
 
-    def rows(self, env_index: th.Tensor, time_index: th.Tensor, decay: float, future: bool, dtype: th.dtype) -> th.Tensor:
-        """Weights ``(B, n_steps)`` of the minibatch rows over the time steps of their own env.
+    def window(self, env_index: th.Tensor, time_index: th.Tensor) -> KernelWindow:
+        """The time structure seen from the minibatch entries ``(env_index, time_index)``, shared by all maps."""
+        return KernelWindow(self, env_index, time_index)
 
-        :param env_index: ``(B,)`` env of each minibatch entry.
-        :param time_index: ``(B,)`` time step of each minibatch entry.
-        :param decay: per-step factor; row ``b`` has ``decay^{|j − t_b|}`` at step ``j``.
-        :param future: ``True`` for ``j ≥ t_b`` (inclusive), ``False`` for ``j < t_b`` (strictly before).
-        """
-        offset = self.steps.unsqueeze(0) - time_index.unsqueeze(1)
-        same_segment = self.segment[env_index] == self.segment[env_index, time_index].unsqueeze(1)
-        in_direction = offset >= 0 if future else offset < 0
-        weights = th.pow(th.as_tensor(decay, dtype=dtype, device=offset.device), offset.abs().to(dtype))
-        return th.where(same_segment & in_direction, weights, th.zeros((), dtype=dtype, device=offset.device))
+    def powers(self, decay: float, dtype: th.dtype) -> th.Tensor:
+        """``decay ** [0, 1, ..., n_steps - 1]``, computed once per rollout and decay."""
+        key = (float(decay), dtype)
+        if key not in self._powers:
+            self._powers[key] = th.pow(th.as_tensor(decay, dtype=th.float64), self.steps.to(th.float64)).to(dtype)
+        return self._powers[key]
 
-    @staticmethod
-    def apply(rows: th.Tensor, per_step: th.Tensor, env_index: th.Tensor) -> th.Tensor:
-        """``Σ_j rows[b, j] · per_step[env_index[b], j]`` for a ``(n_envs, n_steps)`` quantity."""
-        return (rows * per_step[env_index]).sum(dim=1)
+
+class KernelWindow:
+    """Rows of :class:`EpisodeKernel` for one minibatch: offsets and episode masks, computed once.
+
+    :param kernel: the rollout's kernel.
+    :param env_index: ``(B,)`` env of each minibatch entry.
+    :param time_index: ``(B,)`` time step of each minibatch entry.
+    """
+
+    def __init__(self, kernel: EpisodeKernel, env_index: th.Tensor, time_index: th.Tensor) -> None:
+        self.kernel = kernel
+        self.env_index = env_index
+        offset = kernel.steps.unsqueeze(0) - time_index.unsqueeze(1)
+        self.distance = offset.abs()
+        same_segment = kernel.segment[env_index] == kernel.segment[env_index, time_index].unsqueeze(1)
+        self.future = same_segment & (offset >= 0)
+        self.past = same_segment & (offset < 0)
+
+    def rows(self, decay: float, future: bool, dtype: th.dtype) -> th.Tensor:
+        """Weights ``(B, n_steps)``: ``decay^{|j − t_b|}`` on ``j ≥ t_b`` (``future``) or ``j < t_b``, same episode."""
+        mask = self.future if future else self.past
+        return th.where(mask, self.kernel.powers(decay, dtype)[self.distance], th.zeros((), dtype=dtype))
+
+    def apply(self, decay: float, future: bool, per_step: th.Tensor) -> th.Tensor:
+        """``Σ_j rows[b, j] · per_step[env_b, j]`` for a ``(n_envs, n_steps)`` quantity."""
+        return (self.rows(decay, future, per_step.dtype) * per_step[self.env_index]).sum(dim=1)
 
 
 class DifferentiableGAE:
@@ -115,7 +135,6 @@ class DifferentiableGAE:
             rewards = rewards + shift
         return rewards + self.gamma * self.next_non_terminal * next_values - values
 
-    def minibatch(self, td_errors: th.Tensor, env_index: th.Tensor, time_index: th.Tensor) -> th.Tensor:
-        """Advantages ``(B,)`` of the entries ``(env_index, time_index)`` given :meth:`td_errors`."""
-        rows = self.kernel.rows(env_index, time_index, self.gamma * self.gae_lambda, future=True, dtype=td_errors.dtype)
-        return EpisodeKernel.apply(rows, td_errors, env_index)
+    def minibatch(self, td_errors: th.Tensor, window: KernelWindow) -> th.Tensor:
+        """Advantages ``(B,)`` of the minibatch entries of ``window`` given :meth:`td_errors`."""
+        return window.apply(self.gamma * self.gae_lambda, True, td_errors)

@@ -21,7 +21,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorch
 from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor, update_learning_rate
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_blpo.blpo.advantages import DifferentiableGAE
+from sb3_blpo.blpo.advantages import DifferentiableGAE, KernelWindow
 from sb3_blpo.blpo.coupling import COUPLING_MODES, CouplingMode, coupled_critic_loss
 from sb3_blpo.blpo.policies import BLPOCnnPolicy, BLPOMultiInputPolicy, BLPOPolicy, CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_blpo._validation import check_float, check_int, check_one_of
@@ -39,17 +39,47 @@ from sb3_blpo.hypergrad.solvers import SOLVERS
 SelfBLPO = TypeVar("SelfBLPO", bound="BLPO")
 
 
+def _select(observations: PyTorchObs, index: th.Tensor) -> PyTorchObs:
+    if isinstance(observations, dict):
+        return {key: value[index] for key, value in observations.items()}
+    return observations[index]
+
+
+def _concatenate(parts: list[PyTorchObs]) -> PyTorchObs:
+    if isinstance(parts[0], dict):
+        return {key: th.cat([part[key] for part in parts]) for key in parts[0]}  # type: ignore[index]
+    return th.cat(parts)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Minibatch:
+    """Rollout entries ``index`` (env-major flat), with their env/step coordinates and episode window."""
+
+    index: th.Tensor
+    observations: PyTorchObs
+    actions: th.Tensor
+    old_log_prob: th.Tensor
+    targets: th.Tensor
+    window: KernelWindow
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
 @dataclass
 class _Rollout:
-    """One rollout, flattened env-major (index ``n * n_steps + t``), as torch tensors on the policy's device."""
+    """One rollout, flattened env-major (index ``n * n_steps + t``), as torch tensors on the policy's device.
+
+    ``value_inputs`` stacks every observation the advantages need a value for (the rollout's, the one after its
+    last step per env, and the terminal observations of truncated steps) so that one critic pass serves them all.
+    """
 
     observations: PyTorchObs
     actions: th.Tensor
     old_log_prob: th.Tensor
     targets: th.Tensor
     advantages: th.Tensor  # (n_envs, n_steps), fixed GAE of the rollout critic
-    last_observations: PyTorchObs
-    terminal_observations: PyTorchObs | None
+    value_inputs: PyTorchObs
     old_terminal_values: th.Tensor | None
     gae: DifferentiableGAE
     n_envs: int
@@ -59,17 +89,29 @@ class _Rollout:
     def size(self) -> int:
         return self.n_envs * self.n_steps
 
-    def minibatches(self, batch_size: int) -> Iterator[th.Tensor]:
+    def minibatch(self, index: th.Tensor) -> _Minibatch:
+        return _Minibatch(
+            index=index,
+            observations=_select(self.observations, index),
+            actions=self.actions[index],
+            old_log_prob=self.old_log_prob[index],
+            targets=self.targets[index],
+            window=self.gae.kernel.window(index // self.n_steps, index % self.n_steps),
+        )
+
+    def minibatches(self, batch_size: int) -> Iterator[_Minibatch]:
         # numpy's global RNG, as SB3's RolloutBuffer.get(), so seeding behaves the same as for PPO.
         order = th.as_tensor(np.random.permutation(self.size), device=self.actions.device)
         for start in range(0, self.size, batch_size):
-            yield order[start : start + batch_size]
+            yield self.minibatch(order[start : start + batch_size])
 
-
-def _select(observations: PyTorchObs, index: th.Tensor) -> PyTorchObs:
-    if isinstance(observations, dict):
-        return {key: value[index] for key, value in observations.items()}
-    return observations[index]
+    def split_values(self, values: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Critic outputs on ``value_inputs`` → rollout values ``(n_envs, n_steps)``, last values, terminal values."""
+        values = values.flatten()
+        rollout_values = values[: self.size].view(self.n_envs, self.n_steps)
+        last_values = values[self.size : self.size + self.n_envs]
+        terminal_values = values[self.size + self.n_envs :] if self.old_terminal_values is not None else None
+        return rollout_values, last_values, terminal_values
 
 
 class BLPO(OnPolicyAlgorithm):
@@ -290,9 +332,8 @@ class BLPO(OnPolicyAlgorithm):
             for batch in rollout.minibatches(self.batch_size):
                 if self.use_sde:
                     self.policy.reset_noise(len(batch))
-                stats["value_loss_before_nested"].append(self._nested_critic_steps(rollout, batch))
-                actor_loss, critic_values, approx_kl = self._actor_objective(rollout, batch, clip_range, stats)
-                stats["value_loss"].append(float(th.mean((critic_values - rollout.targets[batch]) ** 2)))
+                stats["value_loss_before_nested"].append(self._nested_critic_steps(batch))
+                actor_loss, approx_kl = self._actor_objective(rollout, batch, clip_range, stats)
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
                     continue_training = False
                     if self.verbose >= 1:
@@ -340,14 +381,16 @@ class BLPO(OnPolicyAlgorithm):
         gae = DifferentiableGAE(
             per_env(buffer.rewards), per_env(buffer.episode_starts), last_dones, self.gamma, self.gae_lambda, truncation_index
         )
+        value_inputs = [observations, obs_as_tensor(self._last_obs, self.device)]  # type: ignore[arg-type]
+        if terminal_observations is not None:
+            value_inputs.append(terminal_observations)
         return _Rollout(
             observations=observations,
             actions=actions,
             old_log_prob=env_major(buffer.log_probs).flatten(),
             targets=env_major(buffer.returns).flatten(),
             advantages=per_env(buffer.advantages),
-            last_observations=obs_as_tensor(self._last_obs, self.device),  # type: ignore[arg-type]
-            terminal_observations=terminal_observations,
+            value_inputs=_concatenate(value_inputs),
             old_terminal_values=old_terminal_values,
             gae=gae,
             n_envs=n_envs,
@@ -361,51 +404,49 @@ class BLPO(OnPolicyAlgorithm):
             stacked = np.stack(observations)
         return self.policy.obs_to_tensor(stacked)[0]
 
-    def _critic_loss(self, rollout: _Rollout, batch: th.Tensor) -> th.Tensor:
-        values = self.policy.predict_values(_select(rollout.observations, batch)).flatten()
-        return th.mean((rollout.targets[batch] - values) ** 2)
+    def _critic_loss(self, batch: _Minibatch) -> th.Tensor:
+        values = self.policy.predict_values(batch.observations).flatten()
+        return th.mean((batch.targets - values) ** 2)
 
-    def _nested_critic_steps(self, rollout: _Rollout, batch: th.Tensor) -> float:
+    def _nested_critic_steps(self, batch: _Minibatch) -> float:
         """``n_critic_steps`` follower steps on the MSE to the fixed targets; returns the loss before the first."""
         loss_before = math.nan
         critic_params = self.policy.critic_parameters()
         for step in range(self.n_critic_steps):
-            loss = self._critic_loss(rollout, batch)
+            loss = self._critic_loss(batch)
             if step == 0:
                 loss_before = loss.item()
             self.policy.critic_optimizer.zero_grad()
             loss.backward()
-            th.nn.utils.clip_grad_norm_(critic_params, self.max_grad_norm)
-            if not all(th.isfinite(p.grad).all() for p in critic_params if p.grad is not None):
+            # The total norm is NaN/Inf as soon as one gradient entry is: one check covers every parameter.
+            if not th.isfinite(th.nn.utils.clip_grad_norm_(critic_params, self.max_grad_norm)):
                 self._note_nonfinite("critic gradient")
                 self.policy.critic_optimizer.zero_grad()
                 break
             self.policy.critic_optimizer.step()
         return loss_before
 
-    def _differentiable_advantages(self, rollout: _Rollout, batch: th.Tensor, track_critic: bool) -> th.Tensor:
-        """GAE advantages of the minibatch from the current critic; with ``track_critic`` they carry ``∂/∂w``."""
+    def _differentiable_advantages(
+        self, rollout: _Rollout, batch: _Minibatch, track_critic: bool
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """GAE advantages of the minibatch from the current critic (with ``track_critic`` they carry ``∂/∂w``), and
+        the critic's values of the minibatch (detached)."""
         with th.set_grad_enabled(track_critic):
-            values = self.policy.predict_values(rollout.observations).view(rollout.n_envs, rollout.n_steps)
-            last_values = self.policy.predict_values(rollout.last_observations).flatten()
-            terminal_values = None
-            if rollout.terminal_observations is not None:
-                terminal_values = self.policy.predict_values(rollout.terminal_observations).flatten()
+            values, last_values, terminal_values = rollout.split_values(self.policy.predict_values(rollout.value_inputs))
             td_errors = rollout.gae.td_errors(values, last_values, terminal_values, rollout.old_terminal_values)
-            return rollout.gae.minibatch(td_errors, batch // rollout.n_steps, batch % rollout.n_steps)
+            advantages = rollout.gae.minibatch(td_errors, batch.window)
+        return advantages, values.flatten()[batch.index].detach()
 
     def _actor_objective(
-        self, rollout: _Rollout, batch: th.Tensor, clip_range: float, stats: dict[str, list[float]]
-    ) -> tuple[th.Tensor, th.Tensor, float]:
-        """Leader loss ``f(θ, w)`` on the minibatch (PPO clipped surrogate + entropy), the critic's minibatch values
-        after the nested steps, and the approximate KL."""
-        advantages = self._differentiable_advantages(rollout, batch, track_critic=self._solver is not None)
-        with th.no_grad():
-            critic_values = self.policy.predict_values(_select(rollout.observations, batch)).flatten()
+        self, rollout: _Rollout, batch: _Minibatch, clip_range: float, stats: dict[str, list[float]]
+    ) -> tuple[th.Tensor, float]:
+        """Leader loss ``f(θ, w)`` on the minibatch (PPO clipped surrogate + entropy) and the approximate KL."""
+        advantages, critic_values = self._differentiable_advantages(rollout, batch, track_critic=self._solver is not None)
+        stats["value_loss"].append(float(th.mean((critic_values - batch.targets) ** 2)))
         if self.normalize_advantage and len(batch) > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        log_prob, entropy = self.policy.actor_log_prob_entropy(_select(rollout.observations, batch), rollout.actions[batch])
-        log_ratio = log_prob - rollout.old_log_prob[batch]
+        log_prob, entropy = self.policy.actor_log_prob_entropy(batch.observations, batch.actions)
+        log_ratio = log_prob - batch.old_log_prob
         ratio = th.exp(log_ratio)
         policy_loss = -th.min(advantages * ratio, advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
         entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
@@ -417,28 +458,26 @@ class BLPO(OnPolicyAlgorithm):
         stats["entropy_loss"].append(entropy_loss.item())
         stats["loss"].append(loss.item())
         stats["approx_kl"].append(approx_kl)
-        return loss, critic_values, approx_kl
+        return loss, approx_kl
 
-    def _coupled_critic_objective(self, rollout: _Rollout, batch: th.Tensor) -> th.Tensor:
+    def _coupled_critic_objective(self, rollout: _Rollout, batch: _Minibatch) -> th.Tensor:
         """``g̃(θ, w)``: the critic MSE with the actor's influence on targets/state weights made explicit."""
         all_log_prob, _ = self.policy.actor_log_prob_entropy(rollout.observations, rollout.actions)
         ratios = th.exp(all_log_prob - rollout.old_log_prob).view(rollout.n_envs, rollout.n_steps)
-        values = self.policy.predict_values(_select(rollout.observations, batch)).flatten()
+        values = self.policy.predict_values(batch.observations).flatten()
         return coupled_critic_loss(
             values,
-            rollout.targets[batch],
+            batch.targets,
             ratios,
             rollout.advantages,
-            rollout.gae.kernel,
-            batch // rollout.n_steps,
-            batch % rollout.n_steps,
+            batch.window,
             gamma=self.gamma,
             mode=self.coupling,
             ratio_clip=self.coupling_clip,
         )
 
     def _actor_direction(
-        self, rollout: _Rollout, batch: th.Tensor, actor_loss: th.Tensor, stats: dict[str, list[float]]
+        self, rollout: _Rollout, batch: _Minibatch, actor_loss: th.Tensor, stats: dict[str, list[float]]
     ) -> th.Tensor | None:
         """The leader's descent direction: the bounded hypergradient, or ``∇θf`` (nested-only / numerical fallback).
         ``None`` when even ``∇θf`` is not finite (the actor step is then skipped)."""

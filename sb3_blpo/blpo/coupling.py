@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch as th
 
-from sb3_blpo.blpo.advantages import EpisodeKernel
+from sb3_blpo.blpo.advantages import KernelWindow
 
 CouplingMode = Literal["target", "distribution", "both"]
 COUPLING_MODES: tuple[str, ...] = ("target", "distribution", "both")
@@ -32,9 +32,7 @@ def coupled_critic_loss(
     targets: th.Tensor,
     ratios: th.Tensor,
     rollout_advantages: th.Tensor,
-    kernel: EpisodeKernel,
-    env_index: th.Tensor,
-    time_index: th.Tensor,
+    window: KernelWindow,
     gamma: float,
     mode: CouplingMode = "target",
     ratio_clip: float = 0.2,
@@ -45,9 +43,7 @@ def coupled_critic_loss(
     :param targets: ``(B,)`` fixed critic targets ``y_t`` (GAE returns of the rollout critic).
     :param ratios: ``(n_envs, n_steps)`` probability ratios of the current actor on the whole rollout (graph to ``θ``).
     :param rollout_advantages: ``(n_envs, n_steps)`` fixed GAE advantages of the rollout.
-    :param kernel: episode structure of the rollout.
-    :param env_index: ``(B,)`` env of each minibatch entry.
-    :param time_index: ``(B,)`` step of each minibatch entry.
+    :param window: episode structure of the rollout seen from the minibatch entries.
     :param gamma: discount factor of the target correction.
     :param mode: which θ-dependence to keep: ``"target"`` (how the critic's targets move with the policy),
         ``"distribution"`` (how the visited states move with it) or ``"both"``.
@@ -60,10 +56,8 @@ def coupled_critic_loss(
     shifted_targets = targets
     weights = th.ones_like(targets)
     if mode in ("target", "both"):
-        rows = kernel.rows(env_index, time_index, gamma, future=True, dtype=targets.dtype)
-        shifted_targets = targets + EpisodeKernel.apply(rows, excess * rollout_advantages, env_index)
+        shifted_targets = targets + window.apply(gamma, True, excess * rollout_advantages)
     if mode in ("distribution", "both"):
-        rows = kernel.rows(env_index, time_index, 1.0, future=False, dtype=targets.dtype)
         # A negative weight would turn the regression into a maximisation; clamp at zero (first-order expansion only).
-        weights = th.clamp(1.0 + EpisodeKernel.apply(rows, excess, env_index), min=0.0)
+        weights = th.clamp(1.0 + window.apply(1.0, False, excess), min=0.0)
     return (weights * (shifted_targets - values) ** 2).mean()

@@ -65,16 +65,18 @@ class HessianVectorProduct:
     :meth:`mixed_product` (the cross derivative w.r.t. other parameters), so an IHVP solve followed by the mixed
     product of a hypergradient costs no extra forward pass.
 
-    Products accept one vector of shape ``(P,)`` or a batch of shape ``(m, P)``; batches go through
-    ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the backward pass) when the graph supports it,
-    otherwise through a loop with identical results.
+    Products accept one vector of shape ``(P,)`` or a batch of shape ``(m, P)``. A batch goes either through a loop
+    of backward passes or through ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the backward pass);
+    the results are identical. On CPU the loop is about twice as fast for small MLPs (measured: 5 products on a
+    64-64 critic, 3.6 ms looped vs 7.5 ms vmapped), so vmap is only the default on accelerators.
 
     :param loss: scalar loss whose graph reaches ``params``.
     :param params: parameters the Hessian is taken with respect to.
     :param damping: ``λ`` added as ``(H + λI)v``.
+    :param vectorize: use vmap for batches; ``None`` picks it on accelerators and the loop on CPU.
     """
 
-    def __init__(self, loss: th.Tensor, params: Params, damping: float = 0.0) -> None:
+    def __init__(self, loss: th.Tensor, params: Params, damping: float = 0.0, vectorize: bool | None = None) -> None:
         if loss.dim() != 0:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
         self.params = list(params)
@@ -83,7 +85,7 @@ class HessianVectorProduct:
         self.gradient = flatten(grads, like=self.params)
         self.dim = self.gradient.numel()
         self.n_products = 0
-        self._batched_backward_ok = True
+        self._batched_backward_ok = self.gradient.device.type != "cpu" if vectorize is None else vectorize
 
     def __call__(self, vectors: th.Tensor) -> th.Tensor:
         batched = vectors.dim() == 2

@@ -1,0 +1,743 @@
+"""Curvature and plasticity monitors for SB3 on-policy algorithms (PPO, A2C, BLPO, ...).
+
+Every monitor works in ``_on_rollout_end``: the rollout buffer is complete (advantages and returns computed) and
+``train()`` has not yet run on it. Monitors only read the model: losses are differentiated with
+``torch.autograd.grad`` (never ``.backward()``), so parameters' ``.grad`` stay untouched, and the policy's training
+mode is left as SB3 set it (eval mode during collection).
+
+Cadence: a monitor measures
+
+* on a task start (if ``on_task_switch``): the first rollout of training and the first rollout after each task switch
+  (see :mod:`sb3_blpo.callbacks.task_switch`), always, because that measurement point cannot be postponed;
+* periodically: once ``every_n_rollouts`` rollouts have passed since its last measurement, on the next rollout whose
+  logs SB3 dumps (``iteration % log_interval == 0``), so that no expensive result is overwritten before it is written.
+  If ``log_interval`` is unknown or ``None``, the cadence alone decides.
+
+Values recorded at a task start that is not a dump rollout are written at the next dump.
+
+Logged keys (scalars are Python floats; histograms and figures go to TensorBoard only):
+
+* ``hessian/<group>/{lambda_max, lambda_min, neg_mass, trace, trace_ci, eps_rank_<ε>}``, ``hessian/<group>/ritz``
+  (histogram), ``hessian/<group>/density`` (figure), ``hessian/seconds``; ``<group>`` is ``actor``, ``critic`` or
+  ``joint``;
+* ``plasticity/<layer>/{erank, srank, approx_rank, rank, dormant, feat_norm}`` for layers ``pi0, pi1, …, vf0, …``
+  and ``plasticity/<actor|critic>/{weight_norm, dist_init}``;
+* ``trainability/<group>/{eps_rank, ratio, lmax_ratio, collapse}`` and ``trainability/task``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import Figure
+
+from sb3_blpo._validation import check_float, check_int, check_one_of
+from sb3_blpo.callbacks._loss_access import ACTOR_OBJECTIVES, PARAMETER_GROUPS, OnPolicyLossAccess, RolloutBatch
+from sb3_blpo.callbacks.task_switch import TaskSwitchTracker
+from sb3_blpo.curvature import (
+    SpectralQuadrature,
+    SpectrumSummary,
+    broadened_density,
+    check_epsilons,
+    stochastic_lanczos_quadrature,
+    summarize_spectrum,
+)
+from sb3_blpo.hypergrad import HessianVectorProduct
+from sb3_blpo.metrics import distance_to_initial, feature_metrics, weight_norm
+
+# SB3's stdout writer truncates keys to 36 characters and raises if two keys collide after truncation.
+MAX_KEY_LENGTH = 36
+# Only these writers can store arrays and figures; the others would print or fail on them.
+TENSORBOARD_ONLY = ("stdout", "log", "json", "csv")
+
+
+def epsilon_label(epsilon: float) -> str:
+    """Short text form of ε used in metric keys, e.g. ``0.01`` or ``1e-05``."""
+    return f"{epsilon:g}"
+
+
+def _check_keys(keys: Sequence[str]) -> None:
+    too_long = [key for key in keys if len(key) > MAX_KEY_LENGTH]
+    if too_long:
+        raise ValueError(f"metric keys longer than {MAX_KEY_LENGTH} characters (SB3 truncates them): {too_long}")
+    if len(set(keys)) != len(keys):
+        duplicates = sorted({key for key in keys if keys.count(key) > 1})
+        raise ValueError(f"metric keys collide: {duplicates} (two epsilons with the same short form?)")
+
+
+def _check_groups(parameter_groups: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(parameter_groups, str):
+        parameter_groups = (parameter_groups,)
+    groups = tuple(parameter_groups)
+    if not groups:
+        raise ValueError("parameter_groups must name at least one group")
+    for group in groups:
+        check_one_of("parameter group", group, PARAMETER_GROUPS)
+    if len(set(groups)) != len(groups):
+        raise ValueError(f"parameter_groups has duplicates: {groups}")
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared machinery
+# ---------------------------------------------------------------------------------------------------------------------
+class _RolloutMonitor(BaseCallback):
+    """Rollout counting, dump alignment, task-switch tracking and batch sampling shared by the monitors.
+
+    :param every_n_rollouts: periodic cadence in rollouts, or ``None`` for task starts only.
+    :param on_task_switch: also measure at each task start.
+    :param n_samples: transitions subsampled from the rollout per measurement (``None``: all).
+    :param min_task_samples: below this many new-task transitions in the switch rollout, use the whole rollout.
+    :param seed: seed of the subsampling and probe generators (combined with the rollout count).
+    :param verbose: verbosity level.
+    """
+
+    def __init__(
+        self,
+        every_n_rollouts: int | None,
+        on_task_switch: bool,
+        n_samples: int | None,
+        min_task_samples: int = 64,
+        seed: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        if every_n_rollouts is not None:
+            check_int("every_n_rollouts", every_n_rollouts, minimum=1)
+        if n_samples is not None:
+            check_int("n_samples", n_samples, minimum=2)
+        check_int("min_task_samples", min_task_samples, minimum=1)
+        check_int("seed", seed)
+        if every_n_rollouts is None and not on_task_switch:
+            raise ValueError("the monitor would never fire: set every_n_rollouts or on_task_switch=True")
+        self.every_n_rollouts = every_n_rollouts
+        self.on_task_switch = bool(on_task_switch)
+        self.n_samples = n_samples
+        self.min_task_samples = min_task_samples
+        self.seed = seed
+        self.n_rollouts = 0
+        self.n_measurements = 0
+        self.tasks = TaskSwitchTracker()
+        self._access: OnPolicyLossAccess | None = None
+        self._log_interval: int | None = None
+        self._rollouts_in_learn = 0
+        self._rollouts_since_measurement = 0
+
+    # -- SB3 events ---------------------------------------------------------------------------------------------------
+    def _init_callback(self) -> None:
+        self._access = self._make_access()
+
+    def _make_access(self) -> OnPolicyLossAccess:
+        return OnPolicyLossAccess(self.model)
+
+    def _on_training_start(self) -> None:
+        log_interval = self.locals.get("log_interval")
+        self._log_interval = int(log_interval) if isinstance(log_interval, int | np.integer) and log_interval > 0 else None
+        self._rollouts_in_learn = 0
+        self.tasks.start_first_task()
+
+    def _on_rollout_start(self) -> None:
+        self.tasks.rollout_started()
+
+    def _on_step(self) -> bool:
+        self.tasks.step(self.locals.get("infos"))
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.n_rollouts += 1
+        self._rollouts_in_learn += 1
+        self._rollouts_since_measurement += 1
+        task_first_step = self.tasks.rollout_ended()
+        if task_first_step is not None and self.on_task_switch:
+            self._run(task_first_step, task_start=True)
+        elif self._periodic_due():
+            self._run(0, task_start=False)
+
+    def notify_task_switch(self) -> None:
+        """Signal that a new task starts now (see :mod:`sb3_blpo.callbacks.task_switch`)."""
+        self.tasks.notify()
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+    def _periodic_due(self) -> bool:
+        if self.every_n_rollouts is None or self._rollouts_since_measurement < self.every_n_rollouts:
+            return False
+        return self._log_interval is None or self._rollouts_in_learn % self._log_interval == 0
+
+    def _run(self, first_step: int, task_start: bool) -> None:
+        self._rollouts_since_measurement = 0
+        self.n_measurements += 1
+        self._measure(first_step, task_start)
+
+    def _measure(self, first_step: int, task_start: bool) -> None:
+        raise NotImplementedError  # abstract: each monitor defines its measurement
+
+    @property
+    def access(self) -> OnPolicyLossAccess:
+        """Loss and parameter access to the model (available after ``init_callback``)."""
+        if self._access is None:
+            raise RuntimeError("the callback is not initialised; pass it to model.learn() or call init_callback(model)")
+        return self._access
+
+    def _generator(self, stream: int = 0) -> th.Generator:
+        return th.Generator().manual_seed(self.seed * 1_000_003 + self.n_rollouts * 101 + stream)
+
+    def _sample(self, first_step: int) -> RolloutBatch:
+        n_steps, n_envs = self.access.rollout_size()
+        if first_step > 0 and (n_steps - first_step) * n_envs < self.min_task_samples:
+            if self.verbose >= 1:
+                print(
+                    f"{type(self).__name__}: only {(n_steps - first_step) * n_envs} new-task transitions in this rollout "
+                    f"(< min_task_samples={self.min_task_samples}); measuring on the whole rollout"
+                )
+            first_step = 0
+        return self.access.sample_batch(self.n_samples, self._generator(), first_step=first_step)
+
+
+@dataclass(frozen=True)
+class SpectrumMeasurement:
+    """One Hessian spectrum estimate of one parameter group's loss on one rollout.
+
+    :param group: ``"actor"``, ``"critic"`` or ``"joint"``.
+    :param summary: scalar summary (λmax, λmin, ε-ranks, trace, …).
+    :param quadrature: the SLQ nodes and weights.
+    :param num_timesteps: the model's step count when measured (identifies the rollout).
+    :param task_start: whether it was measured at a task start.
+    :param task_index: the task index at measurement time.
+    :param n_samples: transitions used.
+    :param seconds: wall time of the measurement.
+    """
+
+    group: str
+    summary: SpectrumSummary
+    quadrature: SpectralQuadrature
+    num_timesteps: int
+    task_start: bool
+    task_index: int
+    n_samples: int
+    seconds: float
+
+
+def measure_loss_spectrum(
+    loss: th.Tensor, params: Sequence[th.Tensor], lanczos_steps: int, num_probes: int, epsilons: Sequence[float], seed: int
+) -> tuple[SpectrumSummary, SpectralQuadrature]:
+    """SLQ spectrum of the Hessian of ``loss`` w.r.t. ``params`` (double-backward HVPs, probes batched).
+
+    :param loss: scalar loss with a graph to ``params``.
+    :param params: parameters of the Hessian.
+    :param lanczos_steps: Lanczos steps per probe.
+    :param num_probes: number of SLQ probes.
+    :param epsilons: ε thresholds of the ε-ranks.
+    :param seed: probe seed.
+    """
+    hvp = HessianVectorProduct(loss, params)
+    quadrature = stochastic_lanczos_quadrature(
+        hvp,
+        hvp.dim,
+        num_steps=lanczos_steps,
+        num_probes=num_probes,
+        seed=seed,
+        operator_dtype=hvp.gradient.dtype,
+        device=hvp.gradient.device,
+    )
+    return summarize_spectrum(quadrature, epsilons), quadrature
+
+
+class _SpectrumSettings:
+    """Validated settings of a spectrum measurement, shared by the Hessian and trainability callbacks."""
+
+    def __init__(
+        self,
+        parameter_groups: Sequence[str],
+        lanczos_steps: int,
+        num_probes: int,
+        epsilons: Sequence[float],
+        actor_objective: str,
+    ) -> None:
+        self.parameter_groups = _check_groups(parameter_groups)
+        self.lanczos_steps = check_int("lanczos_steps", lanczos_steps, minimum=2)
+        self.num_probes = check_int("num_probes", num_probes, minimum=1)
+        self.epsilons = check_epsilons(epsilons)
+        self.actor_objective = check_one_of("actor_objective", actor_objective, ACTOR_OBJECTIVES)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hessian spectrum
+# ---------------------------------------------------------------------------------------------------------------------
+class HessianSpectrumCallback(_RolloutMonitor):
+    """Hessian spectrum of the algorithm's actor and/or critic loss on the just-collected rollout.
+
+    For each parameter group, stochastic Lanczos quadrature (``num_probes`` Rademacher probes, ``lanczos_steps`` steps,
+    full re-orthogonalisation) on ``n_samples`` transitions subsampled from the rollout gives: ``lambda_max`` and
+    ``lambda_min`` (extreme Ritz values), ``neg_mass`` (fraction of eigenvalues below ``−min(epsilons)``),
+    ``trace`` (Hutchinson, from the same probes) with ``trace_ci`` (half-width of its 95% Student-t interval), and
+    ``eps_rank_<ε>`` (fraction of eigenvalues with ``|λ| > ε``, from the quadrature nodes and weights). The Ritz values
+    are logged as a histogram and the Gaussian-broadened density as a matplotlib figure (TensorBoard only).
+
+    The losses and parameter groups are those of :class:`~sb3_blpo.callbacks._loss_access.OnPolicyLossAccess`.
+
+    :param parameter_groups: any of ``"actor"``, ``"critic"``, ``"joint"`` (each measured separately).
+    :param every_n_rollouts: periodic cadence in rollouts (``None``: only at task starts).
+    :param on_task_switch: also measure at the start of each task (the paper's measurement point: new-task
+        initialisation, before any update on the new task's data).
+    :param n_samples: transitions per measurement, drawn uniformly from the rollout (``None``: all).
+    :param lanczos_steps: Lanczos steps per probe (≥ 2); each costs one batched Hessian-vector product.
+    :param num_probes: SLQ probes (≥ 1); more probes lower the variance of the ε-ranks and the trace.
+    :param epsilons: thresholds ``ε > 0`` of the ε-ranks.
+    :param log_density_figure: log the broadened density as a figure (needs matplotlib).
+    :param log_ritz_histogram: log the Ritz values as a histogram.
+    :param actor_objective: ``"auto"`` or an explicit actor objective (see ``OnPolicyLossAccess``).
+    :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: whole rollout).
+    :param seed: seed of the subsampling and the probes.
+    :param verbose: verbosity level.
+    """
+
+    def __init__(
+        self,
+        parameter_groups: Sequence[str] = ("actor", "critic"),
+        every_n_rollouts: int | None = 10,
+        on_task_switch: bool = True,
+        n_samples: int | None = 1024,
+        lanczos_steps: int = 30,
+        num_probes: int = 3,
+        epsilons: Sequence[float] = (1e-3, 1e-2, 1e-1),
+        log_density_figure: bool = True,
+        log_ritz_histogram: bool = True,
+        actor_objective: str = "auto",
+        min_task_samples: int = 64,
+        seed: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(every_n_rollouts, on_task_switch, n_samples, min_task_samples, seed, verbose)
+        self.settings = _SpectrumSettings(parameter_groups, lanczos_steps, num_probes, epsilons, actor_objective)
+        self.log_density_figure = bool(log_density_figure)
+        self.log_ritz_histogram = bool(log_ritz_histogram)
+        _check_keys([key for group in self.settings.parameter_groups for key in self._scalar_keys(group).values()])
+        self.latest: dict[str, SpectrumMeasurement] = {}
+        self._warned_no_matplotlib = False
+
+    def _scalar_keys(self, group: str) -> dict[str, str]:
+        keys = {name: f"hessian/{group}/{name}" for name in ("lambda_max", "lambda_min", "neg_mass", "trace", "trace_ci")}
+        for eps in self.settings.epsilons:
+            keys[f"eps_{eps!r}"] = f"hessian/{group}/eps_rank_{epsilon_label(eps)}"
+        keys["ritz"], keys["density"] = f"hessian/{group}/ritz", f"hessian/{group}/density"
+        return keys
+
+    def _make_access(self) -> OnPolicyLossAccess:
+        return OnPolicyLossAccess(self.model, self.settings.actor_objective)
+
+    def measure(self, first_step: int = 0, task_start: bool = False) -> dict[str, SpectrumMeasurement]:
+        """Measure every configured group on the current rollout buffer now (also usable outside the cadence).
+
+        :param first_step: first rollout step to sample from.
+        :param task_start: whether this measurement is at a task start.
+        :return: the measurements by group (also stored in :attr:`latest`).
+        """
+        batch = self._sample(first_step)
+        results = {}
+        for stream, group in enumerate(self.settings.parameter_groups):
+            start = time.perf_counter()
+            with th.enable_grad():
+                loss = self.access.loss(group, batch)
+                summary, quadrature = measure_loss_spectrum(
+                    loss,
+                    self.access.parameters(group),
+                    self.settings.lanczos_steps,
+                    self.settings.num_probes,
+                    self.settings.epsilons,
+                    seed=self.seed * 1_000_003 + self.n_rollouts * 101 + stream,
+                )
+            results[group] = SpectrumMeasurement(
+                group=group,
+                summary=summary,
+                quadrature=quadrature,
+                num_timesteps=int(self.num_timesteps),
+                task_start=task_start,
+                task_index=self.tasks.task_index,
+                n_samples=batch.size,
+                seconds=time.perf_counter() - start,
+            )
+        self.latest.update(results)
+        return results
+
+    def _measure(self, first_step: int, task_start: bool) -> None:
+        results = self.measure(first_step, task_start)
+        for group, measurement in results.items():
+            self._record(group, measurement)
+        self.logger.record("hessian/seconds", float(sum(m.seconds for m in results.values())))
+
+    def _record(self, group: str, measurement: SpectrumMeasurement) -> None:
+        keys, summary = self._scalar_keys(group), measurement.summary
+        self.logger.record(keys["lambda_max"], summary.lambda_max)
+        self.logger.record(keys["lambda_min"], summary.lambda_min)
+        self.logger.record(keys["neg_mass"], summary.negative_mass)
+        self.logger.record(keys["trace"], summary.trace.estimate)
+        self.logger.record(keys["trace_ci"], float((summary.trace.ci_high - summary.trace.ci_low) / 2))
+        for eps, value in zip(summary.epsilons, summary.epsilon_ranks, strict=True):
+            self.logger.record(keys[f"eps_{eps!r}"], float(value))
+        if self.log_ritz_histogram:
+            self.logger.record(keys["ritz"], measurement.quadrature.all_nodes().numpy(), exclude=TENSORBOARD_ONLY)
+        if self.log_density_figure:
+            figure = self._density_figure(group, measurement)
+            if figure is not None:
+                self.logger.record(keys["density"], Figure(figure, close=True), exclude=TENSORBOARD_ONLY)
+
+    def _density_figure(self, group: str, measurement: SpectrumMeasurement) -> Any:
+        try:
+            from matplotlib.figure import Figure as MatplotlibFigure
+        except ImportError:
+            if not self._warned_no_matplotlib:
+                warnings.warn("matplotlib is not installed: the Hessian density figure is not logged", stacklevel=2)
+                self._warned_no_matplotlib = True
+            return None
+        grid, density = broadened_density(measurement.quadrature)
+        # An object-oriented Figure (no pyplot) keeps no global state and needs no GUI backend.
+        figure = MatplotlibFigure(figsize=(4.5, 3.0), dpi=80)
+        axes = figure.add_subplot()
+        floor = max(float(density.max()) * 1e-6, 1e-30)
+        axes.semilogy(grid, np.maximum(density, floor), color="tab:blue", linewidth=1.0)
+        axes.set_xlabel("eigenvalue λ")
+        axes.set_ylabel("density (log)")
+        summary = measurement.summary
+        axes.set_title(f"{group} Hessian, {measurement.n_samples} samples, λ∈[{summary.lambda_min:.3g}, {summary.lambda_max:.3g}]")
+        axes.title.set_fontsize(8)
+        figure.tight_layout()
+        return figure
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Feature ranks
+# ---------------------------------------------------------------------------------------------------------------------
+FEATURE_METRIC_NAMES = ("erank", "srank", "approx_rank", "rank", "dormant", "feat_norm")
+
+
+class FeatureRankCallback(_RolloutMonitor):
+    """Rank, dormancy and norm of every hidden layer's activations on the rollout's observations, plus weight norms.
+
+    For each selected layer (default: every hidden layer of the actor ``pi0, pi1, …`` and critic ``vf0, …`` MLP
+    branches, and the features extractors if they have parameters) the activations ``Φ`` (``n_samples × width``,
+    post-activation, observations drawn uniformly from the rollout) give the metrics of
+    :func:`sb3_blpo.metrics.feature_metrics`: ``erank`` (Roy–Vetterli on singular values), ``srank`` (δ),
+    ``approx_rank`` (99% of Σσ²), ``rank``, ``dormant`` (τ-dormant fraction, ReDo) and ``feat_norm``. Features are
+    uncentred unless ``center=True``. ``plasticity/<actor|critic>/weight_norm`` is ``‖θ‖₂`` and ``dist_init`` is
+    ``‖θ − θ₀‖₂`` to the parameters at ``init_callback`` time.
+
+    :param layers: layer names to monitor (``None``: all); unknown names raise ``ValueError`` at ``init_callback``.
+    :param every_n_rollouts: periodic cadence in rollouts (``None``: only at task starts).
+    :param on_task_switch: also measure at each task start.
+    :param n_samples: observations per measurement (``None``: the whole rollout). Use at least the layer width.
+    :param center: centre the features before the rank metrics.
+    :param srank_delta: δ of the srank.
+    :param approximate_rank_threshold: energy fraction of the approximate rank.
+    :param dormant_tau: τ of the dormant-unit fraction.
+    :param log_weights: also log weight norms and distances to the initial weights.
+    :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: whole rollout).
+    :param seed: seed of the subsampling.
+    :param verbose: verbosity level.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        every_n_rollouts: int | None = 1,
+        on_task_switch: bool = True,
+        n_samples: int | None = 2048,
+        center: bool = False,
+        srank_delta: float = 0.01,
+        approximate_rank_threshold: float = 0.99,
+        dormant_tau: float = 0.1,
+        log_weights: bool = True,
+        min_task_samples: int = 64,
+        seed: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(every_n_rollouts, on_task_switch, n_samples, min_task_samples, seed, verbose)
+        if isinstance(layers, str):
+            layers = (layers,)
+        self.requested_layers = None if layers is None else tuple(layers)
+        self.center = bool(center)
+        self.srank_delta = check_float("srank_delta", srank_delta, minimum=0.0, maximum=1.0, allow_minimum=False)
+        if self.srank_delta >= 1.0:
+            raise ValueError(f"srank_delta must be < 1, got {srank_delta}")
+        self.approximate_rank_threshold = check_float(
+            "approximate_rank_threshold", approximate_rank_threshold, minimum=0.0, maximum=1.0, allow_minimum=False
+        )
+        self.dormant_tau = check_float("dormant_tau", dormant_tau, minimum=0.0)
+        self.log_weights = bool(log_weights)
+        self.layers: tuple[str, ...] = ()
+        self.latest: dict[str, dict[str, float]] = {}
+        self._initial_weights: dict[str, list[th.Tensor]] = {}
+
+    def _init_callback(self) -> None:
+        super()._init_callback()
+        available = self.access.hidden_layers()
+        if self.requested_layers is None:
+            self.layers = tuple(available)
+        else:
+            unknown = sorted(set(self.requested_layers) - set(available))
+            if unknown:
+                raise ValueError(f"unknown layer name(s) {unknown}; this policy has {sorted(available)}")
+            self.layers = self.requested_layers
+        if not self.layers:
+            raise ValueError("the policy has no hidden layers to monitor (empty net_arch?)")
+        _check_keys([f"plasticity/{layer}/{name}" for layer in self.layers for name in FEATURE_METRIC_NAMES])
+        if self.log_weights and not self._initial_weights:
+            self._initial_weights = {
+                group: [p.detach().clone() for p in self.access.parameters(group)] for group in ("actor", "critic")
+            }
+
+    def measure(self, first_step: int = 0) -> dict[str, dict[str, float]]:
+        """Feature metrics of every selected layer on the current rollout buffer (also usable outside the cadence)."""
+        batch = self._sample(first_step)
+        features = self.access.features(batch.observations, self.layers)
+        self.latest = {
+            layer: feature_metrics(
+                activations,
+                center=self.center,
+                srank_delta=self.srank_delta,
+                approximate_rank_threshold=self.approximate_rank_threshold,
+                dormant_tau=self.dormant_tau,
+            )
+            for layer, activations in features.items()
+        }
+        return self.latest
+
+    def _measure(self, first_step: int, task_start: bool) -> None:
+        for layer, metrics in self.measure(first_step).items():
+            for name, value in metrics.items():
+                self.logger.record(f"plasticity/{layer}/{name}", float(value))
+        if self.log_weights:
+            for group, initial in self._initial_weights.items():
+                params = self.access.parameters(group)
+                self.logger.record(f"plasticity/{group}/weight_norm", weight_norm(params))
+                self.logger.record(f"plasticity/{group}/dist_init", distance_to_initial(params, initial))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainability
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainabilityRecord:
+    """The trainability indicator of one parameter group at one task start.
+
+    :param task_index: task index (0 is the first task).
+    :param group: parameter group.
+    :param epsilon_rank: ε-rank of the loss Hessian at the task start.
+    :param ratio: ``epsilon_rank / epsilon_rank at task 0`` (``nan`` if the reference is 0).
+    :param lambda_max_ratio: ``λmax / λmax at task 0`` (``nan`` if the reference is not positive).
+    :param collapsed: ``ratio < collapse_threshold``.
+    :param num_timesteps: the model's step count at measurement.
+    """
+
+    task_index: int
+    group: str
+    epsilon_rank: float
+    ratio: float
+    lambda_max_ratio: float
+    collapsed: bool
+    num_timesteps: int
+
+
+class TrainabilityCallback(_RolloutMonitor):
+    """Spectral-collapse indicator: the Hessian ε-rank at each task start, relative to its value at the first task.
+
+    At the start of task ``t`` (first rollout of training for ``t = 0``, first rollout after each switch otherwise;
+    before any update on the new task's data) the callback estimates ``r_t = ε-rank`` of the loss Hessian of each
+    parameter group (fraction of eigenvalues with ``|λ| > ε``, by SLQ) and logs
+
+    * ``trainability/<group>/eps_rank`` = ``r_t``,
+    * ``trainability/<group>/ratio`` = ``r_t / r_0``,
+    * ``trainability/<group>/lmax_ratio`` = ``λmax_t / λmax_0`` (the collapse of the spectral range),
+    * ``trainability/<group>/collapse`` = 1.0 if ``r_t / r_0 < collapse_threshold`` else 0.0 ("spectral collapse"),
+    * ``trainability/task`` = ``t``.
+
+    This is our operational definition, not the paper's τ-trainability, whose formal statement was not available (see
+    ``docs/monitoring.md``). The default threshold 0.25 flags a loss of three quarters of the resolved curvature
+    directions.
+
+    :param epsilon: the ε of the ε-rank (> 0).
+    :param collapse_threshold: ratio below which a collapse is flagged, in ``(0, 1]``.
+    :param parameter_groups: groups to track.
+    :param spectrum_source: a :class:`HessianSpectrumCallback` placed *before* this callback; when it measured the same
+        task-start rollout with this ε, its result is reused instead of computing the spectrum twice.
+    :param n_samples: transitions per measurement when computing its own spectrum.
+    :param lanczos_steps: Lanczos steps when computing its own spectrum.
+    :param num_probes: SLQ probes when computing its own spectrum.
+    :param actor_objective: ``"auto"`` or an explicit actor objective.
+    :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: whole rollout).
+    :param seed: seed of the subsampling and the probes.
+    :param verbose: verbosity level.
+    """
+
+    def __init__(
+        self,
+        epsilon: float = 1e-2,
+        collapse_threshold: float = 0.25,
+        parameter_groups: Sequence[str] = ("actor", "critic"),
+        spectrum_source: HessianSpectrumCallback | None = None,
+        n_samples: int | None = 1024,
+        lanczos_steps: int = 30,
+        num_probes: int = 3,
+        actor_objective: str = "auto",
+        min_task_samples: int = 64,
+        seed: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(None, True, n_samples, min_task_samples, seed, verbose)
+        self.epsilon = check_epsilons((epsilon,))[0]
+        self.collapse_threshold = check_float(
+            "collapse_threshold", collapse_threshold, minimum=0.0, maximum=1.0, allow_minimum=False
+        )
+        if spectrum_source is not None and not isinstance(spectrum_source, HessianSpectrumCallback):
+            raise TypeError(f"spectrum_source must be a HessianSpectrumCallback, got {type(spectrum_source).__name__}")
+        self.spectrum_source = spectrum_source
+        self.settings = _SpectrumSettings(parameter_groups, lanczos_steps, num_probes, (self.epsilon,), actor_objective)
+        _check_keys(
+            ["trainability/task"]
+            + [f"trainability/{group}/{name}" for group in self.settings.parameter_groups for name in ("eps_rank", "ratio", "lmax_ratio", "collapse")]
+        )
+        self.reference: dict[str, tuple[float, float]] = {}
+        self.history: list[TrainabilityRecord] = []
+
+    def _make_access(self) -> OnPolicyLossAccess:
+        return OnPolicyLossAccess(self.model, self.settings.actor_objective)
+
+    def _spectrum(self, group: str, batch_cache: dict[str, RolloutBatch], first_step: int, stream: int) -> SpectrumSummary:
+        source = self.spectrum_source
+        if source is not None:
+            shared = source.latest.get(group)
+            if (
+                shared is not None
+                and shared.task_start
+                and shared.num_timesteps == self.num_timesteps
+                and self.epsilon in shared.summary.epsilons
+            ):
+                return shared.summary
+        if "batch" not in batch_cache:
+            batch_cache["batch"] = self._sample(first_step)
+        with th.enable_grad():
+            loss = self.access.loss(group, batch_cache["batch"])
+            summary, _ = measure_loss_spectrum(
+                loss,
+                self.access.parameters(group),
+                self.settings.lanczos_steps,
+                self.settings.num_probes,
+                (self.epsilon,),
+                seed=self.seed * 1_000_003 + self.n_rollouts * 101 + stream,
+            )
+        return summary
+
+    def _measure(self, first_step: int, task_start: bool) -> None:
+        batch_cache: dict[str, RolloutBatch] = {}
+        task = self.tasks.task_index
+        for stream, group in enumerate(self.settings.parameter_groups):
+            summary = self._spectrum(group, batch_cache, first_step, stream)
+            epsilon_rank = summary.epsilon_ranks[summary.epsilons.index(self.epsilon)]
+            if group not in self.reference:
+                self.reference[group] = (epsilon_rank, summary.lambda_max)
+            reference_rank, reference_lmax = self.reference[group]
+            ratio = epsilon_rank / reference_rank if reference_rank > 0 else math.nan
+            lmax_ratio = summary.lambda_max / reference_lmax if reference_lmax > 0 else math.nan
+            record = TrainabilityRecord(
+                task_index=task,
+                group=group,
+                epsilon_rank=epsilon_rank,
+                ratio=ratio,
+                lambda_max_ratio=lmax_ratio,
+                collapsed=bool(ratio < self.collapse_threshold),
+                num_timesteps=int(self.num_timesteps),
+            )
+            self.history.append(record)
+            self.logger.record(f"trainability/{group}/eps_rank", float(epsilon_rank))
+            self.logger.record(f"trainability/{group}/ratio", float(ratio))
+            self.logger.record(f"trainability/{group}/lmax_ratio", float(lmax_ratio))
+            self.logger.record(f"trainability/{group}/collapse", float(record.collapsed))
+            if record.collapsed and self.verbose >= 1:
+                print(f"TrainabilityCallback: spectral collapse of the {group} Hessian at task {task} (ratio {ratio:.3g})")
+        self.logger.record("trainability/task", float(task))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bundle
+# ---------------------------------------------------------------------------------------------------------------------
+class PlasticityMonitor(CallbackList):
+    """Hessian spectrum, feature ranks and trainability with defaults sized for a few percent of overhead.
+
+    Runs, in this order, a :class:`HessianSpectrumCallback` (every ``every_n_rollouts`` rollouts and at task starts), a
+    :class:`FeatureRankCallback` (every ``feature_every_n_rollouts`` rollouts) and a :class:`TrainabilityCallback`
+    that reuses the Hessian callback's task-start spectra (its ε is added to the Hessian callback's epsilons).
+    ``notify_task_switch()`` is forwarded to all three.
+
+    :param every_n_rollouts: cadence of the Hessian spectrum.
+    :param feature_every_n_rollouts: cadence of the feature metrics.
+    :param parameter_groups: parameter groups of the Hessian and trainability callbacks.
+    :param epsilons: ε thresholds of the Hessian ε-ranks.
+    :param trainability_epsilon: ε of the trainability indicator.
+    :param collapse_threshold: ratio below which a spectral collapse is flagged.
+    :param hessian_kwargs: extra keyword arguments of :class:`HessianSpectrumCallback`.
+    :param feature_kwargs: extra keyword arguments of :class:`FeatureRankCallback`.
+    :param trainability_kwargs: extra keyword arguments of :class:`TrainabilityCallback`.
+    :param seed: seed of every subsample and probe.
+    :param verbose: verbosity level.
+    """
+
+    def __init__(
+        self,
+        every_n_rollouts: int = 10,
+        feature_every_n_rollouts: int = 1,
+        parameter_groups: Sequence[str] = ("actor", "critic"),
+        epsilons: Sequence[float] = (1e-3, 1e-2, 1e-1),
+        trainability_epsilon: float = 1e-2,
+        collapse_threshold: float = 0.25,
+        hessian_kwargs: dict[str, Any] | None = None,
+        feature_kwargs: dict[str, Any] | None = None,
+        trainability_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        hessian_epsilons = tuple(check_epsilons(epsilons))
+        trainability_epsilon = check_epsilons((trainability_epsilon,))[0]
+        if trainability_epsilon not in hessian_epsilons:
+            hessian_epsilons = (*hessian_epsilons, trainability_epsilon)
+        hessian_options = dict(hessian_kwargs or {})
+        self.hessian = HessianSpectrumCallback(
+            **{
+                "parameter_groups": parameter_groups,
+                "every_n_rollouts": every_n_rollouts,
+                "epsilons": hessian_epsilons,
+                "seed": seed,
+                "verbose": verbose,
+                **hessian_options,
+            }
+        )
+        self.features = FeatureRankCallback(
+            **{"every_n_rollouts": feature_every_n_rollouts, "seed": seed, "verbose": verbose, **(feature_kwargs or {})}
+        )
+        shared_settings = {
+            key: hessian_options[key] for key in ("n_samples", "lanczos_steps", "num_probes", "actor_objective") if key in hessian_options
+        }
+        self.trainability = TrainabilityCallback(
+            **{
+                "epsilon": trainability_epsilon,
+                "collapse_threshold": collapse_threshold,
+                "parameter_groups": parameter_groups,
+                "spectrum_source": self.hessian,
+                "seed": seed,
+                "verbose": verbose,
+                **shared_settings,
+                **(trainability_kwargs or {}),
+            }
+        )
+        super().__init__([self.hessian, self.features, self.trainability])
+
+    def notify_task_switch(self) -> None:
+        """Signal a task switch to the three monitors (see :mod:`sb3_blpo.callbacks.task_switch`)."""
+        for callback in (self.hessian, self.features, self.trainability):
+            callback.notify_task_switch()
