@@ -6,7 +6,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -37,6 +37,11 @@ from sb3_blpo.hypergrad import (
 from sb3_blpo.hypergrad.solvers import SOLVERS
 
 SelfBLPO = TypeVar("SelfBLPO", bound="BLPO")
+
+#: An extra training-loss term: ``term(level, observations)`` with ``level`` "actor" or "critic" returns a scalar to add
+#: to that level's minibatch loss (or ``None``). Registered with :meth:`BLPO.add_loss_term`.
+LossTerm = Callable[[str, PyTorchObs], "th.Tensor | None"]
+LOSS_LEVELS: tuple[str, ...] = ("actor", "critic")
 
 
 def _select(observations: PyTorchObs, index: th.Tensor) -> PyTorchObs:
@@ -295,9 +300,31 @@ class BLPO(OnPolicyAlgorithm):
             self._solver.reseed(self.seed if self.seed is not None else int(th.randint(2**31 - 1, ()).item()))
         self._truncated_steps: list[tuple[int, int, Any]] = []
         self._warned_nonfinite = False
+        self._nonfinite_skips = 0
+        self._loss_terms: list[LossTerm] = []
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_solver", "_truncated_steps"]
+        return [*super()._excluded_save_params(), "_solver", "_truncated_steps", "_loss_terms"]
+
+    def add_loss_term(self, term: LossTerm) -> None:
+        """Add ``term(level, observations)`` to the training losses: the actor's ``f`` (level ``"actor"``) and each nested
+        critic step's loss (level ``"critic"``), on every minibatch. This is how plasticity regularizers reach BLPO's
+        losses; terms are not saved with the model."""
+        if not callable(term):
+            raise TypeError(f"term must be callable as term(level, observations), got {term!r}")
+        self._loss_terms.append(term)
+
+    def remove_loss_term(self, term: LossTerm) -> None:
+        """Remove a term added with :meth:`add_loss_term`."""
+        self._loss_terms.remove(term)
+
+    def _extra_loss(self, level: str, observations: PyTorchObs) -> th.Tensor | float:
+        total: th.Tensor | float = 0.0
+        for term in self._loss_terms:
+            value = term(level, observations)
+            if value is not None:
+                total = total + value
+        return total
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "policy.optimizer", "policy.critic_optimizer"], []
@@ -368,7 +395,8 @@ class BLPO(OnPolicyAlgorithm):
             observations: PyTorchObs = {key: env_major(value) for key, value in buffer.observations.items()}
         else:
             observations = env_major(buffer.observations)
-        actions = env_major(buffer.actions)
+        # SB3 stores actions in the action space's dtype (int8 for MultiBinary) and casts to float32 when sampling.
+        actions = env_major(buffer.actions.astype(np.float32, copy=False))
         if isinstance(self.action_space, spaces.Discrete):
             actions = actions.long().flatten()
         terminal_observations, old_terminal_values, truncation_index = None, None, None
@@ -413,9 +441,10 @@ class BLPO(OnPolicyAlgorithm):
         loss_before = math.nan
         critic_params = self.policy.critic_parameters()
         for step in range(self.n_critic_steps):
-            loss = self._critic_loss(batch)
+            value_loss = self._critic_loss(batch)
             if step == 0:
-                loss_before = loss.item()
+                loss_before = value_loss.item()
+            loss = value_loss + self._extra_loss("critic", batch.observations)
             self.policy.critic_optimizer.zero_grad()
             loss.backward()
             # The total norm is NaN/Inf as soon as one gradient entry is: one check covers every parameter.
@@ -450,7 +479,7 @@ class BLPO(OnPolicyAlgorithm):
         ratio = th.exp(log_ratio)
         policy_loss = -th.min(advantages * ratio, advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
         entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
-        loss = policy_loss + self.ent_coef * entropy_loss
+        loss = policy_loss + self.ent_coef * entropy_loss + self._extra_loss("actor", batch.observations)
         with th.no_grad():
             approx_kl = float(th.mean((ratio - 1) - log_ratio))
             stats["clip_fraction"].append(float(th.mean((th.abs(ratio - 1) > clip_range).float())))
@@ -527,7 +556,7 @@ class BLPO(OnPolicyAlgorithm):
         return False
 
     def _note_nonfinite(self, what: str) -> None:
-        self._nonfinite_events = getattr(self, "_nonfinite_events", 0) + 1
+        self._nonfinite_skips += 1
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
@@ -556,7 +585,7 @@ class BLPO(OnPolicyAlgorithm):
         if self._solver is not None:
             self.logger.record("train/ihvp_fallbacks", float(np.sum(stats["ihvp_fallbacks"])))
             self.logger.record("train/ihvp_seconds", float(np.sum(stats["ihvp_seconds"])))
-        self.logger.record("train/nonfinite_skips", float(getattr(self, "_nonfinite_events", 0)))
+        self.logger.record("train/nonfinite_skips", float(self._nonfinite_skips))
         self.logger.record("train/loss", stats["loss"][-1] if stats["loss"] else math.nan)
         self.logger.record("train/explained_variance", float(explained_var))
         if hasattr(self.policy, "log_std"):
