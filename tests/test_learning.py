@@ -13,7 +13,7 @@ from sb3_blpo import BLPO
 CARTPOLE_SETTINGS = dict(
     n_steps=32,
     batch_size=256,
-    n_epochs=10,
+    n_epochs=5,
     gamma=0.98,
     gae_lambda=0.8,
     n_critic_steps=3,

@@ -24,7 +24,7 @@ PPO_CARTPOLE = dict(
     learning_rate="lin_0.001", clip_range="lin_0.2",
 )
 BLPO_CARTPOLE = dict(
-    n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=10, n_critic_steps=3,
+    n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=5, n_critic_steps=3,
     learning_rate="lin_0.001", clip_range="lin_0.2",
 )
 SETTINGS = {
