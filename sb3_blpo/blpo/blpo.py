@@ -294,9 +294,12 @@ class BLPO(OnPolicyAlgorithm):
         self.clip_range = FloatSchedule(self.clip_range)
         self.critic_learning_rate = FloatSchedule(self.critic_learning_rate)
         update_learning_rate(self.policy.critic_optimizer, self.critic_learning_rate(1.0))
+        # The partition is fixed once the policy exists (loading copies values into the same tensors).
+        self._actor_params = self.policy.actor_parameters()
+        self._critic_params = self.policy.critic_parameters()
         self._solver = make_solver(self.ihvp_solver, **self.ihvp_kwargs)
         if isinstance(self._solver, NystromSolver):
-            self._solver.validate_dim(sum(p.numel() for p in self.policy.critic_parameters()))
+            self._solver.validate_dim(sum(p.numel() for p in self._critic_params))
             self._solver.reseed(self.seed if self.seed is not None else int(th.randint(2**31 - 1, ()).item()))
         self._truncated_steps: list[tuple[int, int, Any]] = []
         self._warned_nonfinite = False
@@ -304,7 +307,14 @@ class BLPO(OnPolicyAlgorithm):
         self._loss_terms: list[LossTerm] = []
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_solver", "_truncated_steps", "_loss_terms"]
+        return [
+            *super()._excluded_save_params(),
+            "_solver",
+            "_truncated_steps",
+            "_loss_terms",
+            "_actor_params",
+            "_critic_params",
+        ]
 
     def add_loss_term(self, term: LossTerm) -> None:
         """Add ``term(level, observations)`` to the training losses: the actor's ``f`` (level ``"actor"``) and each nested
@@ -439,7 +449,7 @@ class BLPO(OnPolicyAlgorithm):
     def _nested_critic_steps(self, batch: _Minibatch) -> float:
         """``n_critic_steps`` follower steps on the MSE to the fixed targets; returns the loss before the first."""
         loss_before = math.nan
-        critic_params = self.policy.critic_parameters()
+        critic_params = self._critic_params
         for step in range(self.n_critic_steps):
             value_loss = self._critic_loss(batch)
             if step == 0:
@@ -510,7 +520,7 @@ class BLPO(OnPolicyAlgorithm):
     ) -> th.Tensor | None:
         """The leader's descent direction: the bounded hypergradient, or ``∇θf`` (nested-only / numerical fallback).
         ``None`` when even ``∇θf`` is not finite (the actor step is then skipped)."""
-        actor_params = self.policy.actor_parameters()
+        actor_params = self._actor_params
         if self._solver is None:
             direct = flatten(th.autograd.grad(actor_loss, actor_params, allow_unused=True), like=actor_params)
             return direct if self._finite(direct, "actor gradient") else None
@@ -519,7 +529,7 @@ class BLPO(OnPolicyAlgorithm):
             actor_loss,
             self._coupled_critic_objective(rollout, batch),
             actor_params,
-            self.policy.critic_parameters(),
+            self._critic_params,
             self._solver,
         )
         direct, correction = hypergradient.direct, hypergradient.correction
@@ -542,7 +552,7 @@ class BLPO(OnPolicyAlgorithm):
     def _actor_step(self, direction: th.Tensor | None) -> None:
         if direction is None:
             return
-        actor_params = self.policy.actor_parameters()
+        actor_params = self._actor_params
         self.policy.optimizer.zero_grad()
         for param, grad in zip(actor_params, unflatten_like(direction, actor_params), strict=True):
             param.grad = grad.detach().clone()
