@@ -20,12 +20,26 @@ import sys
 
 # rl-zoo3's CartPole-v1 PPO entry (installed rl_zoo3 2.9.2, hyperparams/ppo.yml) and our BLPO entry.
 PPO_CARTPOLE = dict(
-    n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
-    learning_rate="lin_0.001", clip_range="lin_0.2",
+    n_envs=8,
+    n_steps=32,
+    batch_size=256,
+    gae_lambda=0.8,
+    gamma=0.98,
+    n_epochs=20,
+    ent_coef=0.0,
+    learning_rate="lin_0.001",
+    clip_range="lin_0.2",
 )
 BLPO_CARTPOLE = dict(
-    n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=5, n_critic_steps=3,
-    learning_rate="lin_0.001", clip_range="lin_0.2",
+    n_envs=8,
+    n_steps=32,
+    batch_size=256,
+    gae_lambda=0.8,
+    gamma=0.98,
+    n_epochs=5,
+    n_critic_steps=3,
+    learning_rate="lin_0.001",
+    clip_range="lin_0.2",
 )
 SETTINGS = {
     "CartPole-v1": {
@@ -57,7 +71,9 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 def timed_run(algo: str, env_id: str, steps: int, seed: int, config: dict) -> float:
     out = subprocess.run(
         [sys.executable, "-c", RUNNER, algo, env_id, str(steps), str(seed), json.dumps(config)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 

@@ -21,10 +21,10 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorch
 from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor, update_learning_rate
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_blpo._validation import check_float, check_int, check_one_of
 from sb3_blpo.blpo.advantages import DifferentiableGAE, KernelWindow
 from sb3_blpo.blpo.coupling import COUPLING_MODES, CouplingMode, coupled_critic_loss
 from sb3_blpo.blpo.policies import BLPOCnnPolicy, BLPOMultiInputPolicy, BLPOPolicy, CnnPolicy, MlpPolicy, MultiInputPolicy
-from sb3_blpo._validation import check_float, check_int, check_one_of
 from sb3_blpo.hypergrad import (
     IHVPSolver,
     NystromSolver,
@@ -385,10 +385,10 @@ class BLPO(OnPolicyAlgorithm):
 
     def _update_schedules(self) -> float:
         self._update_learning_rate(self.policy.optimizer)
-        critic_lr = self.critic_learning_rate(self._current_progress_remaining)
+        critic_lr = self.critic_learning_rate(self._current_progress_remaining)  # type: ignore[operator]
         update_learning_rate(self.policy.critic_optimizer, critic_lr)
         self.logger.record("train/critic_learning_rate", critic_lr)
-        return self.clip_range(self._current_progress_remaining)
+        return self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
 
     def _rollout_tensors(self) -> _Rollout:
         """The finished rollout, env-major, with the GAE map and the truncated steps' terminal observations."""

@@ -65,7 +65,7 @@ def _check_float(name: str, value: Any, *, positive: bool) -> float:
 def _check_seed(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be None or an integer in [0, 2**64), got {value!r} of type {type(value).__name__}")
-    if not 0 <= value < 2**64:
+    if not 0 <= int(value) < 2**64:
         raise ValueError(f"{name} must be None or an integer in [0, 2**64), got {value}")
     return int(value)
 
