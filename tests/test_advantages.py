@@ -1,0 +1,346 @@
+"""The differentiable GAE map: equal to SB3's GAE at the rollout critic, differentiable in the critic, minibatch-exact.
+
+Two levels: through a BLPO model on real rollouts (float32, SB3's buffer as the reference), and on
+:class:`DifferentiableGAE` / :class:`EpisodeKernel` directly in float64 against a plain reverse-loop GAE written here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch as th
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.env_util import make_vec_env
+
+from sb3_blpo import BLPO
+from sb3_blpo.blpo.advantages import DifferentiableGAE, EpisodeKernel
+
+DTYPE = th.float64
+
+# ---------------------------------------------------------------------------------------------------- through BLPO
+
+ROLLOUT_ENVS = {
+    "CartPole-terminations": ("CartPole-v1", {}),
+    "Pendulum-truncations": ("Pendulum-v1", dict(max_episode_steps=37)),
+}
+
+
+def collect_rollout(env_id: str, env_kwargs: dict, n_envs: int = 3, n_steps: int = 100) -> BLPO:
+    env = make_vec_env(env_id, n_envs=n_envs, seed=0, env_kwargs=env_kwargs)
+    model = BLPO("MlpPolicy", env, n_steps=n_steps, batch_size=50, policy_kwargs=dict(net_arch=[16]), seed=0)
+    model._setup_learn(n_envs * n_steps, None)
+    callback = CallbackList([])
+    callback.init_callback(model)
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    return model
+
+
+def advantages(model: BLPO, rollout, index: th.Tensor, track_critic: bool = False) -> th.Tensor:  # type: ignore[no-untyped-def]
+    values, _ = model._differentiable_advantages(rollout, rollout.minibatch(index), track_critic=track_critic)
+    return values
+
+
+@pytest.fixture(scope="module", params=list(ROLLOUT_ENVS), ids=list(ROLLOUT_ENVS))
+def rollout_model(request: pytest.FixtureRequest) -> BLPO:
+    return collect_rollout(*ROLLOUT_ENVS[request.param])
+
+
+def test_rollout_has_episode_boundaries(rollout_model: BLPO) -> None:
+    # The comparisons below are only meaningful if the rollout crosses episode ends in several envs.
+    starts = rollout_model.rollout_buffer.episode_starts[1:]
+    assert (starts.sum(axis=0) > 0).sum() >= 2
+    if rollout_model.env.envs[0].spec.id == "Pendulum-v1":
+        assert len(rollout_model._truncated_steps) >= 6  # 100 steps per env, time limit 37: two per env
+
+
+def test_equals_sb3_gae_at_rollout_critic(rollout_model: BLPO) -> None:
+    rollout = rollout_model._rollout_tensors()
+    computed = advantages(rollout_model, rollout, th.arange(rollout.size))
+    reference = th.as_tensor(rollout_model.rollout_buffer.advantages.swapaxes(0, 1).reshape(-1))
+    assert reference.abs().max() > 1.0
+    th.testing.assert_close(computed, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_random_minibatches_match_full_rollout(rollout_model: BLPO) -> None:
+    rollout = rollout_model._rollout_tensors()
+    full = advantages(rollout_model, rollout, th.arange(rollout.size))
+    generator = th.Generator().manual_seed(0)
+    for size in (1, 7, 64, rollout.size):
+        index = th.randperm(rollout.size, generator=generator)[:size]
+        th.testing.assert_close(advantages(rollout_model, rollout, index), full[index], rtol=1e-6, atol=1e-6)
+
+
+def reference_from_model(model: BLPO) -> th.Tensor:
+    """SB3's GAE recursion (float64) on the model's current critic values, env-major ``(n_envs * n_steps,)``.
+
+    Truncated steps get the timeout bootstrap of the current critic, ``γ·V_w(terminal obs)``, in place of the
+    rollout critic's (written as a zero-valued shift at the rollout critic, so that its gradient is kept).
+    """
+    buffer, policy = model.rollout_buffer, model.policy
+    n_envs, n_steps = buffer.n_envs, buffer.buffer_size
+
+    def per_env(array) -> th.Tensor:  # type: ignore[no-untyped-def]
+        return th.as_tensor(array.swapaxes(0, 1).reshape(n_envs, n_steps), dtype=DTYPE)
+
+    obs = th.as_tensor(buffer.observations.swapaxes(0, 1).reshape(n_envs * n_steps, -1))
+    values = policy.predict_values(obs).to(DTYPE).view(n_envs, n_steps)
+    last_values = policy.predict_values(policy.obs_to_tensor(model._last_obs)[0]).to(DTYPE).flatten()
+    rewards = per_env(buffer.rewards)
+    for env_index, step, terminal_obs in model._truncated_steps:
+        terminal_value = policy.predict_values(policy.obs_to_tensor(terminal_obs)[0]).to(DTYPE).squeeze()
+        rewards[env_index, step] = rewards[env_index, step] + model.gamma * (terminal_value - terminal_value.detach())
+    last_dones = th.as_tensor(model._last_episode_starts, dtype=DTYPE)
+    gae = reference_gae(
+        rewards, values, last_values, per_env(buffer.episode_starts), last_dones, model.gamma, model.gae_lambda
+    )
+    return gae.flatten()
+
+
+def test_critic_gradient_matches_reference(rollout_model: BLPO) -> None:
+    model = rollout_model
+    rollout = model._rollout_tensors()
+    generator = th.Generator().manual_seed(1)
+    index = th.randperm(rollout.size, generator=generator)[:64]
+    weights = th.randn(len(index), generator=generator)
+    critic = model.policy.critic_parameters()
+    computed = advantages(model, rollout, index, track_critic=True)
+    grads = th.autograd.grad((weights * computed).sum(), critic)
+    reference = reference_from_model(model)[index]
+    th.testing.assert_close(computed.to(DTYPE), reference.detach(), rtol=1e-5, atol=1e-4)
+    reference_grads = th.autograd.grad((weights.to(DTYPE) * reference).sum(), critic)
+    for grad, expected in zip(grads, reference_grads, strict=True):
+        assert grad.abs().max() > 0, "every critic parameter influences the advantages"
+        th.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
+    # Without tracking, the advantages carry no graph (the nested-only ablation).
+    assert not advantages(model, rollout, index, track_critic=False).requires_grad
+
+
+def test_critic_gradient_matches_finite_difference(rollout_model: BLPO) -> None:
+    # Along the value head, V is linear in the parameters: a large central step is exact up to float32 rounding.
+    model = rollout_model
+    rollout = model._rollout_tensors()
+    generator = th.Generator().manual_seed(2)
+    index = th.randperm(rollout.size, generator=generator)[:64]
+    weights = th.randn(len(index), generator=generator)
+    head = list(model.policy.value_net.parameters())
+    direction = [th.randn(p.shape, generator=generator) for p in head]
+
+    def objective() -> th.Tensor:
+        return (weights * advantages(model, rollout, index, track_critic=True)).sum()
+
+    grads = th.autograd.grad(objective(), head)
+    analytic = float(sum((g * d).sum() for g, d in zip(grads, direction, strict=True)))
+    eps = 0.5
+    saved = [p.detach().clone() for p in head]
+    with th.no_grad():
+        for p, d in zip(head, direction, strict=True):
+            p.add_(eps * d)
+        plus = objective()
+        for p, d in zip(head, direction, strict=True):
+            p.sub_(2 * eps * d)
+        minus = objective()
+        for p, original in zip(head, saved, strict=True):
+            p.copy_(original)  # the rollout fixture is shared
+    assert abs(analytic) > 0.1
+    assert float((plus - minus) / (2 * eps)) == pytest.approx(analytic, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- float64 unit level
+
+
+def reference_gae(
+    rewards: th.Tensor,
+    values: th.Tensor,
+    last_values: th.Tensor,
+    episode_starts: th.Tensor,
+    last_dones: th.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> th.Tensor:
+    """SB3's GAE recursion (RolloutBuffer.compute_returns_and_advantage), per env, over ``(n_envs, n_steps)``."""
+    n_envs, n_steps = rewards.shape
+    result = th.zeros_like(rewards)
+    for n in range(n_envs):
+        last_gae = rewards.new_zeros(())
+        for t in reversed(range(n_steps)):
+            if t == n_steps - 1:
+                next_non_terminal, next_value = 1.0 - last_dones[n], last_values[n]
+            else:
+                next_non_terminal, next_value = 1.0 - episode_starts[n, t + 1], values[n, t + 1]
+            delta = rewards[n, t] + gamma * next_value * next_non_terminal - values[n, t]
+            last_gae = delta + gamma * gae_lambda * next_non_terminal * last_gae
+            result[n, t] = last_gae
+    return result
+
+
+N_ENVS, N_STEPS, OBS_DIM = 3, 20, 4
+GAMMA, LAMBDA = 0.9, 0.8
+
+
+class SyntheticRollout:
+    """Random rewards and observations with episode ends, timeouts, and a small float64 MLP critic."""
+
+    def __init__(self, seed: int = 0) -> None:
+        gen = th.Generator().manual_seed(seed)
+        self.obs = th.randn(N_ENVS, N_STEPS, OBS_DIM, generator=gen, dtype=DTYPE)
+        self.last_obs = th.randn(N_ENVS, OBS_DIM, generator=gen, dtype=DTYPE)
+        self.raw_rewards = th.randn(N_ENVS, N_STEPS, generator=gen, dtype=DTYPE)
+        self.episode_starts = th.zeros(N_ENVS, N_STEPS, dtype=DTYPE)
+        self.episode_starts[:, 0] = 1.0  # as after a reset: must not split anything
+        self.episode_starts[0, [5, 6, 13]] = 1.0  # a one-step episode in env 0
+        self.episode_starts[2, 19] = 1.0  # the last step starts an episode
+        self.last_dones = th.tensor([0.0, 1.0, 0.0], dtype=DTYPE)
+        # Truncated steps (a time limit, not a termination): the step before an episode start, and env 1's last step.
+        self.truncation_index = th.tensor([[0, 12], [1, 19]])
+        self.terminal_obs = th.randn(2, OBS_DIM, generator=gen, dtype=DTYPE)
+        self.w1 = th.randn(OBS_DIM, 8, generator=gen, dtype=DTYPE, requires_grad=True)
+        self.w2 = th.randn(8, generator=gen, dtype=DTYPE, requires_grad=True)
+        with th.no_grad():
+            self.old_terminal_values = self.value(self.terminal_obs)
+        # SB3 adds γ·V_old(terminal obs) to the stored reward of a truncated step.
+        self.rewards = self.raw_rewards.clone()
+        self.rewards[self.truncation_index[:, 0], self.truncation_index[:, 1]] += GAMMA * self.old_terminal_values
+        self.gae = DifferentiableGAE(self.rewards, self.episode_starts, self.last_dones, GAMMA, LAMBDA, self.truncation_index)
+
+    @property
+    def params(self) -> list[th.Tensor]:
+        return [self.w1, self.w2]
+
+    def value(self, obs: th.Tensor) -> th.Tensor:
+        return th.tanh(obs @ self.w1) @ self.w2
+
+    def advantages(self, env_index: th.Tensor, time_index: th.Tensor) -> th.Tensor:
+        td = self.gae.td_errors(
+            self.value(self.obs), self.value(self.last_obs), self.value(self.terminal_obs), self.old_terminal_values
+        )
+        return self.gae.minibatch(td, self.gae.kernel.window(env_index, time_index))
+
+    def all_advantages(self) -> th.Tensor:
+        index = th.arange(N_ENVS * N_STEPS)
+        return self.advantages(index // N_STEPS, index % N_STEPS).view(N_ENVS, N_STEPS)
+
+    def reference(self) -> th.Tensor:
+        # The timeout bootstrap at the current critic: raw reward + γ·V_w(terminal obs).
+        rewards = self.raw_rewards.clone()
+        rewards[self.truncation_index[:, 0], self.truncation_index[:, 1]] += GAMMA * self.value(self.terminal_obs)
+        return reference_gae(
+            rewards,
+            self.value(self.obs),
+            self.value(self.last_obs),
+            self.episode_starts,
+            self.last_dones,
+            GAMMA,
+            LAMBDA,
+        )
+
+
+def test_gae_matches_reverse_loop_at_rollout_critic() -> None:
+    rollout = SyntheticRollout()
+    with th.no_grad():
+        th.testing.assert_close(rollout.all_advantages(), rollout.reference(), rtol=1e-12, atol=1e-12)
+
+
+def test_gae_matches_reverse_loop_at_another_critic() -> None:
+    # After the critic moves, the truncated steps' bootstrap follows it (differentiable timeout handling).
+    rollout = SyntheticRollout()
+    with th.no_grad():
+        rollout.w2.add_(0.5)
+        th.testing.assert_close(rollout.all_advantages(), rollout.reference(), rtol=1e-12, atol=1e-12)
+
+
+def test_gae_jacobian_matches_reference_and_finite_differences() -> None:
+    rollout = SyntheticRollout(seed=1)
+    computed = rollout.all_advantages().flatten()
+    reference = rollout.reference().flatten()
+    gen = th.Generator().manual_seed(2)
+    weights = th.randn(computed.shape, generator=gen, dtype=DTYPE)
+    grads = th.autograd.grad((weights * computed).sum(), rollout.params)
+    reference_grads = th.autograd.grad((weights * reference).sum(), rollout.params)
+    for g, r in zip(grads, reference_grads, strict=True):
+        assert g.abs().max() > 1e-3
+        th.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    direction = [th.randn(p.shape, generator=gen, dtype=DTYPE) for p in rollout.params]
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction, strict=True))
+    eps = 1e-6
+    with th.no_grad():
+        for p, d in zip(rollout.params, direction, strict=True):
+            p.add_(eps * d)
+        plus = (weights * rollout.all_advantages().flatten()).sum()
+        for p, d in zip(rollout.params, direction, strict=True):
+            p.sub_(2 * eps * d)
+        minus = (weights * rollout.all_advantages().flatten()).sum()
+    assert float((plus - minus) / (2 * eps)) == pytest.approx(float(analytic), rel=1e-7)
+
+
+def test_gae_minibatches_are_exact() -> None:
+    rollout = SyntheticRollout(seed=3)
+    with th.no_grad():
+        full = rollout.all_advantages().flatten()
+        gen = th.Generator().manual_seed(4)
+        for size in (1, 5, 33, N_ENVS * N_STEPS):
+            index = th.randperm(N_ENVS * N_STEPS, generator=gen)[:size]
+            th.testing.assert_close(rollout.advantages(index // N_STEPS, index % N_STEPS), full[index], rtol=0, atol=1e-14)
+
+
+def test_gae_gradient_stays_in_episode() -> None:
+    # The advantage of a step depends on the values of its own episode segment (and its bootstrap) only.
+    rollout = SyntheticRollout()
+    values = rollout.value(rollout.obs).detach().requires_grad_(True)
+    td = rollout.gae.td_errors(values, rollout.value(rollout.last_obs).detach())
+    advantage = rollout.gae.minibatch(td, rollout.gae.kernel.window(th.tensor([0]), th.tensor([7])))
+    (grad,) = th.autograd.grad(advantage.sum(), values)
+    nonzero = {(int(n), int(t)) for n, t in grad.nonzero()}
+    # Env 0, step 7 lies in the segment [6, 12] (episode starts at 6 and 13): steps 7..12; step 13 is the next episode.
+    assert nonzero == {(0, t) for t in range(7, 13)}
+
+
+# ---------------------------------------------------------------------------------------------------- EpisodeKernel
+
+
+def reference_rows(
+    episode_starts: th.Tensor, env_index: th.Tensor, time_index: th.Tensor, decay: float, future: bool
+) -> th.Tensor:
+    n_steps = episode_starts.shape[1]
+    rows = th.zeros(len(env_index), n_steps, dtype=DTYPE)
+    for b, (n, t) in enumerate(zip(env_index.tolist(), time_index.tolist(), strict=True)):
+        # The episode segment of (n, t): from the last start at or before t (excluding step 0's flag) to the next.
+        start = max([s for s in range(1, t + 1) if episode_starts[n, s] > 0], default=0)
+        end = min([s for s in range(t + 1, n_steps) if episode_starts[n, s] > 0], default=n_steps)
+        for j in range(start, end):
+            if (j >= t) if future else (j < t):
+                rows[b, j] = decay ** abs(j - t)
+    return rows
+
+
+@pytest.mark.parametrize("future", [True, False], ids=["future", "past"])
+@pytest.mark.parametrize("decay", [1.0, 0.9, 0.72])
+def test_episode_kernel_rows(decay: float, future: bool) -> None:
+    episode_starts = th.zeros(2, 12, dtype=DTYPE)
+    episode_starts[0, [0, 3, 4, 9]] = 1.0
+    episode_starts[1, [11]] = 1.0
+    kernel = EpisodeKernel(episode_starts)
+    env_index = th.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    time_index = th.tensor([0, 2, 3, 4, 8, 11, 0, 5, 10, 11])
+    rows = kernel.window(env_index, time_index).rows(decay, future, DTYPE)
+    expected = reference_rows(episode_starts, env_index, time_index, decay, future)
+    th.testing.assert_close(rows, expected, rtol=1e-12, atol=0.0)
+    # Spot checks of the structure: a one-step episode (env 0, step 3) has no past and only itself as future.
+    assert rows[2].nonzero().flatten().tolist() == ([3] if future else [])
+    # The first step of env 1's long segment sees the whole segment ahead (steps 0..10), nothing behind.
+    assert rows[6].nonzero().flatten().tolist() == (list(range(11)) if future else [])
+
+
+def test_episode_kernel_apply() -> None:
+    episode_starts = th.zeros(2, 6, dtype=DTYPE)
+    episode_starts[1, 3] = 1.0
+    per_step = th.arange(12, dtype=DTYPE).view(2, 6)
+    window = EpisodeKernel(episode_starts).window(th.tensor([0, 1, 1]), th.tensor([4, 1, 3]))
+    # Future, decay 0.5. Env 0, t=4: 4 + 0.5·5. Env 1 (episodes [0, 2] and [3, 5], values 6..11), t=1: 7 + 0.5·8;
+    # t=3: 9 + 0.5·10 + 0.25·11.
+    th.testing.assert_close(window.apply(0.5, True, per_step), th.tensor([6.5, 11.0, 16.75], dtype=DTYPE))
+    # Past, decay 1. Env 0, t=4: 0 + 1 + 2 + 3. Env 1, t=1: 6; t=3: nothing before it in its episode.
+    th.testing.assert_close(window.apply(1.0, False, per_step), th.tensor([6.0, 6.0, 0.0], dtype=DTYPE))
+
+
+def test_episode_kernel_rejects_bad_shape() -> None:
+    with pytest.raises(ValueError, match="episode_starts"):
+        EpisodeKernel(th.zeros(5))
