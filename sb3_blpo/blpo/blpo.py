@@ -21,7 +21,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorch
 from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor, update_learning_rate
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_blpo._validation import check_float, check_int, check_one_of
+from sb3_blpo._validation import InvalidParameterError, check_float, check_int, check_one_of
 from sb3_blpo.blpo.advantages import DifferentiableGAE, KernelWindow
 from sb3_blpo.blpo.coupling import COUPLING_MODES, CouplingMode, coupled_critic_loss
 from sb3_blpo.blpo.policies import BLPOCnnPolicy, BLPOMultiInputPolicy, BLPOPolicy, CnnPolicy, MlpPolicy, MultiInputPolicy
@@ -50,10 +50,15 @@ def _select(observations: PyTorchObs, index: th.Tensor) -> PyTorchObs:
     return observations[index]
 
 
-def _concatenate(parts: list[PyTorchObs]) -> PyTorchObs:
+def _concatenate(parts: list[PyTorchObs], obs_shape: Any) -> PyTorchObs:
+    """Stack observation batches, each reshaped to the buffer's observation shape (Discrete observations come as
+    ``(n,)`` from the env but ``(n, 1)`` from the buffer)."""
     if isinstance(parts[0], dict):
-        return {key: th.cat([part[key] for part in parts]) for key in parts[0]}  # type: ignore[index]
-    return th.cat(parts)  # type: ignore[arg-type]
+        return {
+            key: th.cat([part[key].reshape(-1, *obs_shape[key]) for part in parts])  # type: ignore[index]
+            for key in parts[0]
+        }
+    return th.cat([part.reshape(-1, *obs_shape) for part in parts])  # type: ignore[union-attr]
 
 
 @dataclass
@@ -270,11 +275,16 @@ class BLPO(OnPolicyAlgorithm):
         if self.target_kl is not None:
             check_float("target_kl", self.target_kl, minimum=0.0, allow_minimum=False)
         if self.ihvp_solver is not None and not isinstance(self.ihvp_solver, (str, IHVPSolver)):
-            raise TypeError(
+            raise InvalidParameterError(
                 f"ihvp_solver must be one of {sorted(SOLVERS)}, None, or an IHVPSolver instance, got {self.ihvp_solver!r}"
             )
         # Build once now so that an unknown solver name or setting fails at construction.
-        make_solver(self.ihvp_solver, **self.ihvp_kwargs)
+        try:
+            make_solver(self.ihvp_solver, **self.ihvp_kwargs)
+        except (ValueError, TypeError) as error:
+            raise InvalidParameterError(
+                f"ihvp_solver={self.ihvp_solver!r}, ihvp_kwargs={self.ihvp_kwargs}: {error}"
+            ) from error
         if self.env is not None:
             buffer_size = self.env.num_envs * self.n_steps
             if self.batch_size > buffer_size:
@@ -300,7 +310,9 @@ class BLPO(OnPolicyAlgorithm):
         self._solver = make_solver(self.ihvp_solver, **self.ihvp_kwargs)
         if isinstance(self._solver, NystromSolver):
             self._solver.validate_dim(sum(p.numel() for p in self._critic_params))
-            self._solver.reseed(self.seed if self.seed is not None else int(th.randint(2**31 - 1, ()).item()))
+            if self._solver.seed is None and self.seed is not None:
+                # Column sampling follows the model's seed unless the solver was given its own.
+                self._solver.reseed(self.seed)
         self._truncated_steps: list[tuple[int, int, Any]] = []
         self._warned_nonfinite = False
         self._nonfinite_skips = 0
@@ -361,6 +373,7 @@ class BLPO(OnPolicyAlgorithm):
     def train(self) -> None:
         """Update the critic (nested best response) and the actor (hypergradient) on the collected rollout."""
         self.policy.set_training_mode(True)
+        self._nonfinite_skips = 0
         clip_range = self._update_schedules()
         rollout = self._rollout_tensors()
         stats: dict[str, list[float]] = defaultdict(list)
@@ -428,7 +441,7 @@ class BLPO(OnPolicyAlgorithm):
             old_log_prob=env_major(buffer.log_probs).flatten(),
             targets=env_major(buffer.returns).flatten(),
             advantages=per_env(buffer.advantages),
-            value_inputs=_concatenate(value_inputs),
+            value_inputs=_concatenate(value_inputs, buffer.obs_shape),
             old_terminal_values=old_terminal_values,
             gae=gae,
             n_envs=n_envs,
@@ -483,7 +496,10 @@ class BLPO(OnPolicyAlgorithm):
         advantages, critic_values = self._differentiable_advantages(rollout, batch, track_critic=self._solver is not None)
         stats["value_loss"].append(float(th.mean((critic_values - batch.targets) ** 2)))
         if self.normalize_advantage and len(batch) > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            # Statistics as constants: normalisation then rescales f without cancelling its dependence on the critic
+            # (through the mean, ∇w f would vanish identically at θ = θ_old, where f = −mean(Â_norm) = 0).
+            mean, std = advantages.detach().mean(), advantages.detach().std()
+            advantages = (advantages - mean) / (std + 1e-8)
         log_prob, entropy = self.policy.actor_log_prob_entropy(batch.observations, batch.actions)
         log_ratio = log_prob - batch.old_log_prob
         ratio = th.exp(log_ratio)
@@ -523,7 +539,10 @@ class BLPO(OnPolicyAlgorithm):
         actor_params = self._actor_params
         if self._solver is None:
             direct = flatten(th.autograd.grad(actor_loss, actor_params, allow_unused=True), like=actor_params)
-            return direct if self._finite(direct, "actor gradient") else None
+            if not self._finite(direct, "actor gradient"):
+                return None
+            stats["hypergrad_norm"].append(float(direct.norm()))
+            return direct
         started = time.perf_counter()
         hypergradient = implicit_hypergradient(
             actor_loss,

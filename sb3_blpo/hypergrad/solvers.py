@@ -204,12 +204,13 @@ class ConjugateGradientSolver(IHVPSolver):
 
     :param max_iter: maximum number of CG iterations (one product each).
     :param damping: ``λ >= 0`` added to ``H``.
-    :param tol: stop once the squared residual norm ``‖v − (H + λI)x‖²`` is below ``tol``.
+    :param tol: stop once the relative residual ``‖v − (H + λI)x‖ / ‖v‖`` is below ``tol`` (relative, so that the
+        test does not depend on the scale of ``v``: critic gradients of the actor loss can be ~1e-5).
     """
 
     name: ClassVar[str] = "cg"
 
-    def __init__(self, max_iter: int = 20, damping: float = 0.1, tol: float = 1e-10) -> None:
+    def __init__(self, max_iter: int = 20, damping: float = 0.1, tol: float = 1e-6) -> None:
         self.max_iter = _check_int("max_iter", max_iter, 1)
         self.damping = _check_float("damping", damping, positive=False)
         self.tol = _check_float("tol", tol, positive=False)
@@ -221,9 +222,10 @@ class ConjugateGradientSolver(IHVPSolver):
         residual = v.clone()
         direction = residual.clone()
         res_sq = float(residual @ residual)
+        threshold = self.tol**2 * res_sq
         n_products, iterations = 0, 0
         negative_curvature = tol_reached = False
-        if res_sq < self.tol:
+        if res_sq <= threshold:
             tol_reached = True
         while not tol_reached and iterations < self.max_iter:
             product = _product(hvp, direction) + self.damping * direction
@@ -242,7 +244,7 @@ class ConjugateGradientSolver(IHVPSolver):
                 x = x - step * direction
                 negative_curvature = True
                 break
-            if new_res_sq < self.tol:
+            if new_res_sq <= threshold:
                 res_sq = new_res_sq
                 tol_reached = True
                 break
