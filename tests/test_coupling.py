@@ -182,4 +182,6 @@ def test_blpo_correction_is_nonzero_at_the_rollout_policy(normalize_advantage):
         seed=0,
     )
     model.learn(128)
-    assert model.logger.name_to_value["train/ihvp_correction_norm"] > 0
+    logged = model.logger.name_to_value
+    # Differentiating through the normalisation statistics gives a correction ~1e-6 (rounding only) here.
+    assert logged["train/ihvp_correction_norm"] > 1e-3 * logged["train/hypergrad_norm"]
