@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 
 import torch as th
 
+from sb3_blpo._validation import InvalidParameterError, check_float, check_int
+
 HVP = Callable[[th.Tensor], th.Tensor]
 
 
@@ -44,27 +46,11 @@ class IHVPResult:
 # --- argument validation -------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} of type {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_float(name: str, value: Any, *, positive: bool) -> float:
-    accepted = "a finite float > 0" if positive else "a finite float >= 0"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {accepted}, got {value!r} of type {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0.0 or (positive and value == 0.0):
-        raise ValueError(f"{name} must be {accepted}, got {value}")
-    return value
-
-
 def _check_seed(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be None or an integer in [0, 2**64), got {value!r} of type {type(value).__name__}")
+        raise InvalidParameterError(
+            f"{name} must be None or an integer in [0, 2**64), got {value!r} of type {type(value).__name__}"
+        )
     if not 0 <= int(value) < 2**64:
         raise ValueError(f"{name} must be None or an integer in [0, 2**64), got {value}")
     return int(value)
@@ -144,9 +130,9 @@ class NystromSolver(IHVPSolver):
     name: ClassVar[str] = "nystrom"
 
     def __init__(self, rank: int = 5, rho: float = 1.0, jitter: float = 0.0, seed: int | None = None) -> None:
-        self._rank = _check_int("rank", rank, 1)
-        self.rho = _check_float("rho", rho, positive=True)
-        self.jitter = _check_float("jitter", jitter, positive=False)
+        self._rank = check_int("rank", rank, minimum=1)
+        self.rho = check_float("rho", rho, minimum=0.0, allow_minimum=False)
+        self.jitter = check_float("jitter", jitter, minimum=0.0)
         self.seed = None if seed is None else _check_seed("seed", seed)
         self._generator = th.Generator()
         if self.seed is None:
@@ -166,7 +152,7 @@ class NystromSolver(IHVPSolver):
 
     def validate_dim(self, dim: int) -> None:
         """Raise ``ValueError`` if ``rank`` exceeds the parameter count ``dim`` (callers check this up front)."""
-        dim = _check_int("dim", dim, 1)
+        dim = check_int("dim", dim, minimum=1)
         if self._rank > dim:
             raise ValueError(f"rank ({self._rank}) must not exceed the number of parameters ({dim})")
 
@@ -211,9 +197,9 @@ class ConjugateGradientSolver(IHVPSolver):
     name: ClassVar[str] = "cg"
 
     def __init__(self, max_iter: int = 20, damping: float = 0.1, tol: float = 1e-6) -> None:
-        self.max_iter = _check_int("max_iter", max_iter, 1)
-        self.damping = _check_float("damping", damping, positive=False)
-        self.tol = _check_float("tol", tol, positive=False)
+        self.max_iter = check_int("max_iter", max_iter, minimum=1)
+        self.damping = check_float("damping", damping, minimum=0.0)
+        self.tol = check_float("tol", tol, minimum=0.0)
 
     def solve(self, hvp: HVP, v: th.Tensor) -> IHVPResult:
         _check_vector(v)
@@ -277,9 +263,9 @@ class NeumannSolver(IHVPSolver):
     name: ClassVar[str] = "neumann"
 
     def __init__(self, iters: int = 20, alpha: float = 0.01, damping: float = 0.0) -> None:
-        self.iters = _check_int("iters", iters, 0)
-        self.alpha = _check_float("alpha", alpha, positive=True)
-        self.damping = _check_float("damping", damping, positive=False)
+        self.iters = check_int("iters", iters, minimum=0)
+        self.alpha = check_float("alpha", alpha, minimum=0.0, allow_minimum=False)
+        self.damping = check_float("damping", damping, minimum=0.0)
 
     def solve(self, hvp: HVP, v: th.Tensor) -> IHVPResult:
         _check_vector(v)
@@ -316,7 +302,7 @@ class DenseSolver(IHVPSolver):
     name: ClassVar[str] = "dense"
 
     def __init__(self, damping: float = 0.0) -> None:
-        self.damping = _check_float("damping", damping, positive=False)
+        self.damping = check_float("damping", damping, minimum=0.0)
 
     def solve(self, hvp: HVP, v: th.Tensor) -> IHVPResult:
         _check_vector(v)
