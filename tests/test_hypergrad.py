@@ -387,7 +387,7 @@ def test_make_solver_names_and_passthrough():
         (("nystrom",), {"jitter": -1.0}, ValueError, "jitter must be >= 0"),
         (("nystrom",), {"seed": -1}, ValueError, "seed must be None or an integer"),
         (("cg",), {"max_iter": 0}, ValueError, "max_iter must be an integer >= 1"),
-        (("cg",), {"damping": float("nan")}, ValueError, "damping must be >= 0"),
+        (("cg",), {"damping": float("nan")}, ValueError, "damping must be a finite number"),
         (("cg",), {"tol": -1.0}, ValueError, "tol must be"),
         (("neumann",), {"iters": -1}, ValueError, "iters must be an integer >= 0"),
         (("neumann",), {"alpha": 0.0}, ValueError, "alpha must be > 0"),
