@@ -52,14 +52,15 @@ def effective_rank_from_singular_values(values: th.Tensor, eps: float = 1e-12) -
     function usable as the core of a rank regulariser under autograd. For all-zero input it returns 1 (by the
     ``exp(0)`` convention); for ``k`` equal non-zero singular values it returns ``k``.
 
-    :param values: non-negative singular values (any order), shape ``(n,)``.
+    :param values: non-negative singular values (any order), shape ``(n,)``; or ``(..., n)`` for a batch of spectra
+        (one rank per leading index, e.g. several layers' spectra from one batched ``svdvals``, in one set of ops).
     :param eps: small positive constant.
     """
-    if values.dim() != 1:
-        raise ValueError(f"expected a vector of singular values, got shape {tuple(values.shape)}")
-    total = values.sum()
+    if values.dim() < 1:
+        raise ValueError(f"expected a vector (or a batch of vectors) of singular values, got shape {tuple(values.shape)}")
+    total = values.sum(dim=-1, keepdim=True)
     probabilities = values / (total + eps)
-    entropy = -(probabilities * th.log(probabilities + eps)).sum()
+    entropy = -(probabilities * th.log(probabilities + eps)).sum(dim=-1)
     return th.exp(entropy)
 
 

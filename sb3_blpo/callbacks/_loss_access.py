@@ -258,7 +258,9 @@ class OnPolicyLossAccess:
         return 1.0 - float(self.model.num_timesteps) / float(total)
 
     def _clip_range(self) -> float:
-        clip_range = self.model.clip_range
+        clip_range = getattr(self.model, "clip_range", None)
+        if clip_range is None:
+            raise ValueError(f"{type(self.model).__name__} has no clip_range; use actor_objective='surrogate'")
         return float(clip_range(self.progress_remaining())) if callable(clip_range) else float(clip_range)
 
     def actor_loss(self, batch: RolloutBatch) -> th.Tensor:
@@ -299,6 +301,44 @@ class OnPolicyLossAccess:
             return self.actor_loss(batch) + vf_coef * self.critic_loss(batch)
         raise ValueError(f"unknown parameter group {group!r}; choose from {PARAMETER_GROUPS}")
 
+    def exact_hessian(self, group: str, batch: RolloutBatch, chunk_size: int | None = None) -> th.Tensor:
+        """Dense Hessian of :meth:`loss` w.r.t. the group's parameters by ``torch.func`` (vmapped autodiff).
+
+        Independent of the double-backward products the monitors use, so it serves as their oracle. Memory and time grow
+        as ``P²``: only for small policies (a few thousand parameters at most).
+
+        :param group: parameter group.
+        :param batch: the transitions of the loss.
+        :param chunk_size: if given, ``jacrev(jacrev(loss), chunk_size=...)`` computes that many rows at a time (less
+            memory); otherwise ``torch.func.hessian`` (forward-over-reverse) computes all rows at once.
+        :return: ``(P, P)`` matrix, rows and columns ordered like :meth:`parameters` (flattened).
+        """
+        params = self.parameters(group)
+        names = {id(p): name for name, p in self.policy.named_parameters()}
+        sizes, shapes = [p.numel() for p in params], [p.shape for p in params]
+        policy, loss = self.policy, self.loss
+
+        class _Loss(nn.Module):
+            # functional_call swaps the parameters of a module's forward; this module's forward is the loss.
+            def __init__(self) -> None:
+                super().__init__()
+                self.policy = policy
+
+            def forward(self) -> th.Tensor:
+                return loss(group, batch)
+
+        module = _Loss()
+
+        def loss_of_flat(vector: th.Tensor) -> th.Tensor:
+            chunks = vector.split(sizes)
+            replaced = {f"policy.{names[id(p)]}": c.view(s) for p, c, s in zip(params, chunks, shapes, strict=True)}
+            return th.func.functional_call(module, replaced, ())
+
+        flat = th.cat([p.detach().reshape(-1) for p in params])
+        if chunk_size is None:
+            return th.func.hessian(loss_of_flat)(flat)
+        return th.func.jacrev(th.func.jacrev(loss_of_flat), chunk_size=chunk_size)(flat)
+
     # ------------------------------------------------------------------ hidden layers
     def hidden_layers(self) -> dict[str, nn.Module]:
         """Hidden layers of the actor (``pi0, pi1, …``) and critic (``vf0, vf1, …``) MLP branches.
@@ -326,10 +366,15 @@ class OnPolicyLossAccess:
         layers.update(hidden_layers_of(value_net, "vf"))
         return layers
 
-    def features(self, observations: PyTorchObs, layer_names: Sequence[str]) -> dict[str, th.Tensor]:
-        """Activations of the named hidden layers on ``observations``, flattened to ``(B, d)``, without gradients.
+    def features(
+        self, observations: PyTorchObs, layer_names: Sequence[str], differentiable: bool = False
+    ) -> dict[str, th.Tensor]:
+        """Activations of the named hidden layers on ``observations``, ``(B, d)``, detached unless ``differentiable``.
 
         Forward hooks are registered for the duration of one actor and one critic forward pass and always removed.
+
+        :param differentiable: keep the autograd graph (for regularizers that differentiate the features); by default
+            the forward pass runs under ``no_grad`` and the features are detached.
         """
         available = self.hidden_layers()
         unknown = sorted(set(layer_names) - set(available))
@@ -340,14 +385,14 @@ class OnPolicyLossAccess:
 
         def make_hook(name: str) -> Any:
             def hook(_module: nn.Module, _inputs: Any, output: th.Tensor) -> None:
-                captured[name] = output.detach().reshape(output.shape[0], -1)
+                captured[name] = (output if differentiable else output.detach()).reshape(output.shape[0], -1)
 
             return hook
 
         try:
             for name in layer_names:
                 handles.append(available[name].register_forward_hook(make_hook(name)))
-            with th.no_grad():
+            with th.set_grad_enabled(differentiable and th.is_grad_enabled()):
                 pi_features, vf_features = self._branch_features(observations)
                 if any(name.startswith("pi") for name in layer_names):
                     self.policy.mlp_extractor.forward_actor(pi_features)
@@ -363,3 +408,34 @@ class OnPolicyLossAccess:
         if isinstance(features, tuple):
             return features
         return features, features
+
+    def hidden_layer_linears(self, name: str) -> tuple[nn.Linear, nn.Linear]:
+        """The ``nn.Linear`` that feeds MLP hidden layer ``name`` (``piK``/``vfK``) and the one that reads it.
+
+        Unit ``i`` of the layer is row ``i`` of the incoming weight (entry ``i`` of its bias) and column ``i`` of the
+        outgoing weight. The outgoing module is the next ``nn.Linear`` of the branch or, after the branch's last hidden
+        layer, the head (``action_net`` for the actor, ``value_net`` for the critic). Used by unit-resetting methods.
+
+        :param name: a name from :meth:`hidden_layers` of an MLP branch.
+        :raises ValueError: if ``name`` is not a hidden layer of ``mlp_extractor`` (e.g. ``pi_features``).
+        :raises TypeError: if no ``nn.Linear`` feeds the layer, or what reads it is not an ``nn.Linear`` of matching size.
+        """
+        layers = self.hidden_layers()
+        if name not in layers or not (name.startswith("pi") or name.startswith("vf")) or name.endswith("_features"):
+            mlp_names = sorted(key for key in layers if not key.endswith("_features"))
+            raise ValueError(f"{name!r} is not a hidden layer of the MLP branches; available: {mlp_names}")
+        extractor = self.policy.mlp_extractor
+        actor = name.startswith("pi")
+        modules = list(extractor.policy_net if actor else extractor.value_net)
+        position = next(i for i, module in enumerate(modules) if module is layers[name])
+        incoming = next((m for m in reversed(modules[: position + 1]) if isinstance(m, nn.Linear)), None)
+        head = self.policy.action_net if actor else self.policy.value_net
+        outgoing = next((m for m in modules[position + 1 :] if isinstance(m, nn.Linear)), head)
+        if not isinstance(incoming, nn.Linear):
+            raise TypeError(f"no nn.Linear feeds hidden layer {name!r}")
+        if not isinstance(outgoing, nn.Linear) or outgoing.in_features != incoming.out_features:
+            raise TypeError(
+                f"hidden layer {name!r} is read by {type(outgoing).__name__}, not by an nn.Linear with "
+                f"{incoming.out_features} inputs; its units cannot be reset"
+            )
+        return incoming, outgoing

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,15 +42,17 @@ from stable_baselines3.common.logger import Figure
 
 from sb3_blpo._validation import check_float, check_int, check_one_of
 from sb3_blpo.callbacks._loss_access import ACTOR_OBJECTIVES, PARAMETER_GROUPS, OnPolicyLossAccess, RolloutBatch
-from sb3_blpo.callbacks.task_switch import TaskSwitchTracker
+from sb3_blpo.callbacks.task_switch import TaskSwitchTracker, infos_signal_task_switch
 from sb3_blpo.curvature import (
     SpectralQuadrature,
     SpectrumSummary,
     broadened_density,
     check_epsilons,
+    epsilon_rank_bounds,
     stochastic_lanczos_quadrature,
     summarize_spectrum,
 )
+from sb3_blpo.curvature import epsilon_rank as epsilon_rank_of
 from sb3_blpo.hypergrad import HessianVectorProduct
 from sb3_blpo.metrics import distance_to_initial, feature_metrics, weight_norm
 
@@ -95,7 +98,8 @@ class _RolloutMonitor(BaseCallback):
     :param every_n_rollouts: periodic cadence in rollouts, or ``None`` for task starts only.
     :param on_task_switch: also measure at each task start.
     :param n_samples: transitions subsampled from the rollout per measurement (``None``: all).
-    :param min_task_samples: below this many new-task transitions in the switch rollout, use the whole rollout.
+    :param min_task_samples: below this many new-task transitions in the switch rollout, the task-start measurement
+        moves to the next rollout.
     :param seed: seed of the subsampling and probe generators (combined with the rollout count).
     :param verbose: verbosity level.
     """
@@ -148,22 +152,31 @@ class _RolloutMonitor(BaseCallback):
         self.tasks.rollout_started()
 
     def _on_step(self) -> bool:
-        self.tasks.step(self.locals.get("infos"))
+        if infos_signal_task_switch(self.locals.get("infos")):
+            self.notify_task_switch()
         return True
 
     def _on_rollout_end(self) -> None:
+        self.num_timesteps = self.model.num_timesteps
         self.n_rollouts += 1
         self._rollouts_in_learn += 1
         self._rollouts_since_measurement += 1
         task_first_step = self.tasks.rollout_ended()
         if task_first_step is not None and self.on_task_switch:
-            self._run(task_first_step, task_start=True)
+            if self._too_few_new_task_transitions(task_first_step):
+                # The switch came at the end of this rollout: measure on the next one, which is all new-task data
+                # (the update in between sees only these few new-task transitions).
+                self.tasks.pending_first_step = 0
+            else:
+                self._run(task_first_step, task_start=True)
         elif self._periodic_due():
             self._run(0, task_start=False)
 
     def notify_task_switch(self) -> None:
         """Signal that a new task starts now (see :mod:`sb3_blpo.callbacks.task_switch`)."""
-        self.tasks.notify()
+        # During on_step the buffer's write position is the index the current transition is about to be stored at.
+        position = self.access.model.rollout_buffer.pos if self.tasks.in_rollout else 0
+        self.tasks.notify(position)
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     def _periodic_due(self) -> bool:
@@ -176,8 +189,9 @@ class _RolloutMonitor(BaseCallback):
         self.n_measurements += 1
         self._measure(first_step, task_start)
 
+    @abstractmethod
     def _measure(self, first_step: int, task_start: bool) -> None:
-        raise NotImplementedError  # abstract: each monitor defines its measurement
+        """Measure on the current rollout, drawing samples from rollout steps ``≥ first_step``, and record the results."""
 
     @property
     def access(self) -> OnPolicyLossAccess:
@@ -186,18 +200,18 @@ class _RolloutMonitor(BaseCallback):
             raise RuntimeError("the callback is not initialised; pass it to model.learn() or call init_callback(model)")
         return self._access
 
+    def _stream_seed(self, stream: int) -> int:
+        """A seed for this rollout and random stream: measurements are reproducible and differ between rollouts."""
+        return self.seed * 1_000_003 + self.n_rollouts * 101 + stream
+
     def _generator(self, stream: int = 0) -> th.Generator:
-        return th.Generator().manual_seed(self.seed * 1_000_003 + self.n_rollouts * 101 + stream)
+        return th.Generator().manual_seed(self._stream_seed(stream))
+
+    def _too_few_new_task_transitions(self, first_step: int) -> bool:
+        n_steps, n_envs = self.access.rollout_size()
+        return first_step > 0 and (n_steps - first_step) * n_envs < self.min_task_samples
 
     def _sample(self, first_step: int) -> RolloutBatch:
-        n_steps, n_envs = self.access.rollout_size()
-        if first_step > 0 and (n_steps - first_step) * n_envs < self.min_task_samples:
-            if self.verbose >= 1:
-                print(
-                    f"{type(self).__name__}: only {(n_steps - first_step) * n_envs} new-task transitions in this rollout "
-                    f"(< min_task_samples={self.min_task_samples}); measuring on the whole rollout"
-                )
-            first_step = 0
         return self.access.sample_batch(self.n_samples, self._generator(), first_step=first_step)
 
 
@@ -294,7 +308,7 @@ class HessianSpectrumCallback(_RolloutMonitor):
     :param log_density_figure: log the broadened density as a figure (needs matplotlib).
     :param log_ritz_histogram: log the Ritz values as a histogram.
     :param actor_objective: ``"auto"`` or an explicit actor objective (see ``OnPolicyLossAccess``).
-    :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: whole rollout).
+    :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling and the probes.
     :param verbose: verbosity level.
     """
@@ -302,9 +316,9 @@ class HessianSpectrumCallback(_RolloutMonitor):
     def __init__(
         self,
         parameter_groups: Sequence[str] = ("actor", "critic"),
-        every_n_rollouts: int | None = 10,
+        every_n_rollouts: int | None = 20,
         on_task_switch: bool = True,
-        n_samples: int | None = 1024,
+        n_samples: int | None = 512,
         lanczos_steps: int = 30,
         num_probes: int = 3,
         epsilons: Sequence[float] = (1e-3, 1e-2, 1e-1),
@@ -327,6 +341,8 @@ class HessianSpectrumCallback(_RolloutMonitor):
         keys = {name: f"hessian/{group}/{name}" for name in ("lambda_max", "lambda_min", "neg_mass", "trace", "trace_ci")}
         for eps in self.settings.epsilons:
             keys[f"eps_{eps!r}"] = f"hessian/{group}/eps_rank_{epsilon_label(eps)}"
+            keys[f"eps_lo_{eps!r}"] = f"hessian/{group}/eps_rank_lo_{epsilon_label(eps)}"
+            keys[f"eps_hi_{eps!r}"] = f"hessian/{group}/eps_rank_hi_{epsilon_label(eps)}"
         keys["ritz"], keys["density"] = f"hessian/{group}/ritz", f"hessian/{group}/density"
         return keys
 
@@ -352,7 +368,7 @@ class HessianSpectrumCallback(_RolloutMonitor):
                     self.settings.lanczos_steps,
                     self.settings.num_probes,
                     self.settings.epsilons,
-                    seed=self.seed * 1_000_003 + self.n_rollouts * 101 + stream,
+                    seed=self._stream_seed(1 + stream),
                 )
             results[group] = SpectrumMeasurement(
                 group=group,
@@ -380,10 +396,14 @@ class HessianSpectrumCallback(_RolloutMonitor):
         self.logger.record(keys["neg_mass"], summary.negative_mass)
         self.logger.record(keys["trace"], summary.trace.estimate)
         self.logger.record(keys["trace_ci"], float((summary.trace.ci_high - summary.trace.ci_low) / 2))
-        for eps, value in zip(summary.epsilons, summary.epsilon_ranks, strict=True):
+        for eps, value, (lower, upper) in zip(
+            summary.epsilons, summary.epsilon_ranks, summary.epsilon_rank_bounds, strict=True
+        ):
             self.logger.record(keys[f"eps_{eps!r}"], float(value))
+            self.logger.record(keys[f"eps_lo_{eps!r}"], float(lower))
+            self.logger.record(keys[f"eps_hi_{eps!r}"], float(upper))
         if self.log_ritz_histogram:
-            self.logger.record(keys["ritz"], measurement.quadrature.all_nodes().numpy(), exclude=TENSORBOARD_ONLY)
+            self.logger.record(keys["ritz"], measurement.quadrature.all_nodes().cpu().numpy(), exclude=TENSORBOARD_ONLY)
         if self.log_density_figure:
             figure = self._density_figure(group, measurement)
             if figure is not None:
@@ -397,18 +417,22 @@ class HessianSpectrumCallback(_RolloutMonitor):
                 warnings.warn("matplotlib is not installed: the Hessian density figure is not logged", stacklevel=2)
                 self._warned_no_matplotlib = True
             return None
-        grid, density = broadened_density(measurement.quadrature)
-        # An object-oriented Figure (no pyplot) keeps no global state and needs no GUI backend.
+        grid, density = broadened_density(measurement.quadrature, num_points=256)
+        # An object-oriented Figure (no pyplot) keeps no global state and needs no GUI backend. log10 on a linear axis
+        # renders about three times faster than a log-scale axis, and TensorBoard renders every logged figure.
         figure = MatplotlibFigure(figsize=(4.5, 3.0), dpi=80)
         axes = figure.add_subplot()
         floor = max(float(density.max()) * 1e-6, 1e-30)
-        axes.semilogy(grid, np.maximum(density, floor), color="tab:blue", linewidth=1.0)
+        axes.plot(grid, np.log10(np.maximum(density, floor)), color="tab:blue", linewidth=1.0)
         axes.set_xlabel("eigenvalue λ")
-        axes.set_ylabel("density (log)")
+        axes.set_ylabel("log10 density")
         summary = measurement.summary
-        axes.set_title(f"{group} Hessian, {measurement.n_samples} samples, λ∈[{summary.lambda_min:.3g}, {summary.lambda_max:.3g}]")
+        axes.set_title(
+            f"{group} Hessian, {measurement.n_samples} samples, λ∈[{summary.lambda_min:.3g}, {summary.lambda_max:.3g}]"
+        )
         axes.title.set_fontsize(8)
-        figure.tight_layout()
+        # Fixed margins: tight_layout() costs about as much as rendering the figure.
+        figure.subplots_adjust(left=0.16, right=0.97, bottom=0.16, top=0.9)
         return figure
 
 
@@ -438,7 +462,7 @@ class FeatureRankCallback(_RolloutMonitor):
     :param approximate_rank_threshold: energy fraction of the approximate rank.
     :param dormant_tau: τ of the dormant-unit fraction.
     :param log_weights: also log weight norms and distances to the initial weights.
-    :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: whole rollout).
+    :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling.
     :param verbose: verbosity level.
     """
@@ -529,7 +553,9 @@ class TrainabilityRecord:
 
     :param task_index: task index (0 is the first task).
     :param group: parameter group.
+    :param epsilon: the ε of the ε-rank (fixed for the group after task 0).
     :param epsilon_rank: ε-rank of the loss Hessian at the task start.
+    :param epsilon_rank_bounds: guaranteed bounds on the probes' ε-rank (a wide bracket: ε is not resolved).
     :param ratio: ``epsilon_rank / epsilon_rank at task 0`` (``nan`` if the reference is 0).
     :param lambda_max_ratio: ``λmax / λmax at task 0`` (``nan`` if the reference is not positive).
     :param collapsed: ``ratio < collapse_threshold``.
@@ -538,51 +564,63 @@ class TrainabilityRecord:
 
     task_index: int
     group: str
+    epsilon: float
     epsilon_rank: float
+    epsilon_rank_bounds: tuple[float, float]
     ratio: float
     lambda_max_ratio: float
     collapsed: bool
     num_timesteps: int
 
 
+TRAINABILITY_METRIC_NAMES = ("epsilon", "eps_rank", "eps_rank_lo", "eps_rank_hi", "ratio", "lmax_ratio", "collapse")
+
+
 class TrainabilityCallback(_RolloutMonitor):
     """Spectral-collapse indicator: the Hessian ε-rank at each task start, relative to its value at the first task.
 
     At the start of task ``t`` (first rollout of training for ``t = 0``, first rollout after each switch otherwise;
-    before any update on the new task's data) the callback estimates ``r_t = ε-rank`` of the loss Hessian of each
-    parameter group (fraction of eigenvalues with ``|λ| > ε``, by SLQ) and logs
+    before any update on the new task's data) the callback estimates ``r_t``, the ε-rank of the loss Hessian of each
+    parameter group (fraction of eigenvalues with ``|λ| > ε``, by SLQ), and logs
 
-    * ``trainability/<group>/eps_rank`` = ``r_t``,
+    * ``trainability/<group>/eps_rank`` = ``r_t`` and its guaranteed bracket ``eps_rank_lo``/``eps_rank_hi``,
     * ``trainability/<group>/ratio`` = ``r_t / r_0``,
     * ``trainability/<group>/lmax_ratio`` = ``λmax_t / λmax_0`` (the collapse of the spectral range),
     * ``trainability/<group>/collapse`` = 1.0 if ``r_t / r_0 < collapse_threshold`` else 0.0 ("spectral collapse"),
-    * ``trainability/task`` = ``t``.
+    * ``trainability/<group>/epsilon`` = the ε used, and ``trainability/task`` = ``t``.
+
+    ε is an absolute threshold, fixed per group for the whole run, so that a shrinking spectrum lowers the ε-rank (the
+    collapse the paper reports). By default it is set at task 0 to ``relative_epsilon · (λmax − λmin)`` of that
+    group's task-0 spectrum, a scale the default quadrature resolves (actor and critic Hessians differ by orders of
+    magnitude, and with them the smallest resolvable ε); pass ``epsilon`` to fix it yourself.
 
     This is our operational definition, not the paper's τ-trainability, whose formal statement was not available (see
-    ``docs/monitoring.md``). The default threshold 0.25 flags a loss of three quarters of the resolved curvature
-    directions.
+    ``docs/monitoring.md``). The default threshold 0.25 flags the loss of three quarters of the curvature directions
+    beyond ε.
 
-    :param epsilon: the ε of the ε-rank (> 0).
+    :param epsilon: absolute ε for every group, or ``None`` for ``relative_epsilon`` of the task-0 spectral range.
+    :param relative_epsilon: ε as a fraction of the task-0 spectral range ``λmax − λmin``, in ``(0, 1)``.
     :param collapse_threshold: ratio below which a collapse is flagged, in ``(0, 1]``.
     :param parameter_groups: groups to track.
     :param spectrum_source: a :class:`HessianSpectrumCallback` placed *before* this callback; when it measured the same
-        task-start rollout with this ε, its result is reused instead of computing the spectrum twice.
+        task-start rollout, its quadrature is reused instead of computing the spectrum twice.
     :param n_samples: transitions per measurement when computing its own spectrum.
     :param lanczos_steps: Lanczos steps when computing its own spectrum.
     :param num_probes: SLQ probes when computing its own spectrum.
     :param actor_objective: ``"auto"`` or an explicit actor objective.
-    :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: whole rollout).
+    :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling and the probes.
     :param verbose: verbosity level.
     """
 
     def __init__(
         self,
-        epsilon: float = 1e-2,
+        epsilon: float | None = None,
+        relative_epsilon: float = 0.05,
         collapse_threshold: float = 0.25,
         parameter_groups: Sequence[str] = ("actor", "critic"),
         spectrum_source: HessianSpectrumCallback | None = None,
-        n_samples: int | None = 1024,
+        n_samples: int | None = 512,
         lanczos_steps: int = 30,
         num_probes: int = 3,
         actor_objective: str = "auto",
@@ -591,74 +629,103 @@ class TrainabilityCallback(_RolloutMonitor):
         verbose: int = 0,
     ) -> None:
         super().__init__(None, True, n_samples, min_task_samples, seed, verbose)
-        self.epsilon = check_epsilons((epsilon,))[0]
+        self.epsilon = None if epsilon is None else check_epsilons((epsilon,))[0]
+        self.relative_epsilon = check_float(
+            "relative_epsilon", relative_epsilon, minimum=0.0, maximum=1.0, allow_minimum=False
+        )
         self.collapse_threshold = check_float(
             "collapse_threshold", collapse_threshold, minimum=0.0, maximum=1.0, allow_minimum=False
         )
         if spectrum_source is not None and not isinstance(spectrum_source, HessianSpectrumCallback):
             raise TypeError(f"spectrum_source must be a HessianSpectrumCallback, got {type(spectrum_source).__name__}")
         self.spectrum_source = spectrum_source
-        self.settings = _SpectrumSettings(parameter_groups, lanczos_steps, num_probes, (self.epsilon,), actor_objective)
+        # The ε-rank is computed from the quadrature at this callback's own ε, so the settings' epsilons are unused.
+        self.settings = _SpectrumSettings(parameter_groups, lanczos_steps, num_probes, (1.0,), actor_objective)
         _check_keys(
             ["trainability/task"]
-            + [f"trainability/{group}/{name}" for group in self.settings.parameter_groups for name in ("eps_rank", "ratio", "lmax_ratio", "collapse")]
+            + [
+                f"trainability/{group}/{name}"
+                for group in self.settings.parameter_groups
+                for name in TRAINABILITY_METRIC_NAMES
+            ]
         )
+        self.group_epsilons: dict[str, float] = {}
         self.reference: dict[str, tuple[float, float]] = {}
         self.history: list[TrainabilityRecord] = []
 
     def _make_access(self) -> OnPolicyLossAccess:
         return OnPolicyLossAccess(self.model, self.settings.actor_objective)
 
-    def _spectrum(self, group: str, batch_cache: dict[str, RolloutBatch], first_step: int, stream: int) -> SpectrumSummary:
+    def _quadrature(
+        self, group: str, batch_cache: dict[str, RolloutBatch], first_step: int, stream: int
+    ) -> SpectralQuadrature:
         source = self.spectrum_source
         if source is not None:
             shared = source.latest.get(group)
-            if (
-                shared is not None
-                and shared.task_start
-                and shared.num_timesteps == self.num_timesteps
-                and self.epsilon in shared.summary.epsilons
-            ):
-                return shared.summary
+            if shared is not None and shared.task_start and shared.num_timesteps == self.num_timesteps:
+                return shared.quadrature
         if "batch" not in batch_cache:
             batch_cache["batch"] = self._sample(first_step)
         with th.enable_grad():
             loss = self.access.loss(group, batch_cache["batch"])
-            summary, _ = measure_loss_spectrum(
+            _, quadrature = measure_loss_spectrum(
                 loss,
                 self.access.parameters(group),
                 self.settings.lanczos_steps,
                 self.settings.num_probes,
-                (self.epsilon,),
-                seed=self.seed * 1_000_003 + self.n_rollouts * 101 + stream,
+                self.settings.epsilons,
+                seed=self._stream_seed(1 + stream),
             )
-        return summary
+        return quadrature
+
+    def _group_epsilon(self, group: str, quadrature: SpectralQuadrature) -> float:
+        if group not in self.group_epsilons:
+            if self.epsilon is not None:
+                self.group_epsilons[group] = self.epsilon
+            else:
+                nodes = quadrature.all_nodes()
+                spread = float(nodes.max() - nodes.min())
+                # A zero spectrum (loss constant in these parameters) has no scale; any positive ε gives rank 0.
+                self.group_epsilons[group] = self.relative_epsilon * spread if spread > 0 else th.finfo(th.float64).tiny
+        return self.group_epsilons[group]
 
     def _measure(self, first_step: int, task_start: bool) -> None:
         batch_cache: dict[str, RolloutBatch] = {}
         task = self.tasks.task_index
         for stream, group in enumerate(self.settings.parameter_groups):
-            summary = self._spectrum(group, batch_cache, first_step, stream)
-            epsilon_rank = summary.epsilon_ranks[summary.epsilons.index(self.epsilon)]
+            quadrature = self._quadrature(group, batch_cache, first_step, stream)
+            epsilon = self._group_epsilon(group, quadrature)
+            epsilon_rank = float(epsilon_rank_of(quadrature, (epsilon,))[0])
+            lower, upper = (float(bound[0]) for bound in epsilon_rank_bounds(quadrature, (epsilon,)))
+            lambda_max = float(quadrature.all_nodes().max())
             if group not in self.reference:
-                self.reference[group] = (epsilon_rank, summary.lambda_max)
+                self.reference[group] = (epsilon_rank, lambda_max)
             reference_rank, reference_lmax = self.reference[group]
             ratio = epsilon_rank / reference_rank if reference_rank > 0 else math.nan
-            lmax_ratio = summary.lambda_max / reference_lmax if reference_lmax > 0 else math.nan
+            lmax_ratio = lambda_max / reference_lmax if reference_lmax > 0 else math.nan
             record = TrainabilityRecord(
                 task_index=task,
                 group=group,
+                epsilon=epsilon,
                 epsilon_rank=epsilon_rank,
+                epsilon_rank_bounds=(lower, upper),
                 ratio=ratio,
                 lambda_max_ratio=lmax_ratio,
                 collapsed=bool(ratio < self.collapse_threshold),
                 num_timesteps=int(self.num_timesteps),
             )
             self.history.append(record)
-            self.logger.record(f"trainability/{group}/eps_rank", float(epsilon_rank))
-            self.logger.record(f"trainability/{group}/ratio", float(ratio))
-            self.logger.record(f"trainability/{group}/lmax_ratio", float(lmax_ratio))
-            self.logger.record(f"trainability/{group}/collapse", float(record.collapsed))
+            values = {
+                "epsilon": epsilon,
+                "eps_rank": epsilon_rank,
+                "eps_rank_lo": lower,
+                "eps_rank_hi": upper,
+                "ratio": ratio,
+                "lmax_ratio": lmax_ratio,
+                "collapse": float(record.collapsed),
+            }
+            for name, value in values.items():
+                self.logger.record(f"trainability/{group}/{name}", float(value))
             if record.collapsed and self.verbose >= 1:
                 print(f"TrainabilityCallback: spectral collapse of the {group} Hessian at task {task} (ratio {ratio:.3g})")
         self.logger.record("trainability/task", float(task))
@@ -672,14 +739,15 @@ class PlasticityMonitor(CallbackList):
 
     Runs, in this order, a :class:`HessianSpectrumCallback` (every ``every_n_rollouts`` rollouts and at task starts), a
     :class:`FeatureRankCallback` (every ``feature_every_n_rollouts`` rollouts) and a :class:`TrainabilityCallback`
-    that reuses the Hessian callback's task-start spectra (its ε is added to the Hessian callback's epsilons).
+    that reuses the Hessian callback's task-start spectra (same samples, Lanczos steps and probes).
     ``notify_task_switch()`` is forwarded to all three.
 
     :param every_n_rollouts: cadence of the Hessian spectrum.
     :param feature_every_n_rollouts: cadence of the feature metrics.
     :param parameter_groups: parameter groups of the Hessian and trainability callbacks.
     :param epsilons: ε thresholds of the Hessian ε-ranks.
-    :param trainability_epsilon: ε of the trainability indicator.
+    :param trainability_epsilon: absolute ε of the trainability indicator, or ``None`` for 5% of each group's task-0
+        spectral range (see :class:`TrainabilityCallback`).
     :param collapse_threshold: ratio below which a spectral collapse is flagged.
     :param hessian_kwargs: extra keyword arguments of :class:`HessianSpectrumCallback`.
     :param feature_kwargs: extra keyword arguments of :class:`FeatureRankCallback`.
@@ -690,11 +758,11 @@ class PlasticityMonitor(CallbackList):
 
     def __init__(
         self,
-        every_n_rollouts: int = 10,
+        every_n_rollouts: int = 20,
         feature_every_n_rollouts: int = 1,
         parameter_groups: Sequence[str] = ("actor", "critic"),
         epsilons: Sequence[float] = (1e-3, 1e-2, 1e-1),
-        trainability_epsilon: float = 1e-2,
+        trainability_epsilon: float | None = None,
         collapse_threshold: float = 0.25,
         hessian_kwargs: dict[str, Any] | None = None,
         feature_kwargs: dict[str, Any] | None = None,
@@ -702,39 +770,35 @@ class PlasticityMonitor(CallbackList):
         seed: int = 0,
         verbose: int = 0,
     ) -> None:
-        hessian_epsilons = tuple(check_epsilons(epsilons))
-        trainability_epsilon = check_epsilons((trainability_epsilon,))[0]
-        if trainability_epsilon not in hessian_epsilons:
-            hessian_epsilons = (*hessian_epsilons, trainability_epsilon)
-        hessian_options = dict(hessian_kwargs or {})
-        self.hessian = HessianSpectrumCallback(
-            **{
-                "parameter_groups": parameter_groups,
-                "every_n_rollouts": every_n_rollouts,
-                "epsilons": hessian_epsilons,
-                "seed": seed,
-                "verbose": verbose,
-                **hessian_options,
-            }
-        )
-        self.features = FeatureRankCallback(
-            **{"every_n_rollouts": feature_every_n_rollouts, "seed": seed, "verbose": verbose, **(feature_kwargs or {})}
-        )
-        shared_settings = {
-            key: hessian_options[key] for key in ("n_samples", "lanczos_steps", "num_probes", "actor_objective") if key in hessian_options
+        hessian_options: dict[str, Any] = {
+            "parameter_groups": parameter_groups,
+            "every_n_rollouts": every_n_rollouts,
+            "epsilons": epsilons,
+            "seed": seed,
+            "verbose": verbose,
+            **(hessian_kwargs or {}),
         }
-        self.trainability = TrainabilityCallback(
-            **{
-                "epsilon": trainability_epsilon,
-                "collapse_threshold": collapse_threshold,
-                "parameter_groups": parameter_groups,
-                "spectrum_source": self.hessian,
-                "seed": seed,
-                "verbose": verbose,
-                **shared_settings,
-                **(trainability_kwargs or {}),
-            }
-        )
+        self.hessian = HessianSpectrumCallback(**hessian_options)
+        feature_options: dict[str, Any] = {
+            "every_n_rollouts": feature_every_n_rollouts,
+            "seed": seed,
+            "verbose": verbose,
+            **(feature_kwargs or {}),
+        }
+        self.features = FeatureRankCallback(**feature_options)
+        # The trainability callback reuses the Hessian callback's task-start spectra, so it gets the same settings.
+        shared = ("n_samples", "lanczos_steps", "num_probes", "actor_objective", "min_task_samples")
+        trainability_options: dict[str, Any] = {
+            "epsilon": trainability_epsilon,
+            "collapse_threshold": collapse_threshold,
+            "parameter_groups": parameter_groups,
+            "spectrum_source": self.hessian,
+            "seed": seed,
+            "verbose": verbose,
+            **{key: value for key, value in (hessian_kwargs or {}).items() if key in shared},
+            **(trainability_kwargs or {}),
+        }
+        self.trainability = TrainabilityCallback(**trainability_options)
         super().__init__([self.hessian, self.features, self.trainability])
 
     def notify_task_switch(self) -> None:

@@ -27,7 +27,8 @@ Semantics of a switch for the monitors (SB3 collects a rollout, calls ``on_rollo
 the measurement fires in the first ``_on_rollout_end`` after the signal, before ``train()`` has used any of the new
 task's transitions, and it draws its samples only from the transitions stored at or after the step of the signal
 (per rollout step, across all sub-environments). If fewer than ``min_task_samples`` such transitions exist (the switch
-came at the very end of a rollout) the whole rollout is used instead. A switch signalled between rollouts (e.g. by
+came at the very end of a rollout) the measurement moves to the next rollout, which is all new-task data (the one
+update in between has seen only those few new-task transitions). A switch signalled between rollouts (e.g. by
 ``notify_task_switch()`` between ``learn()`` calls) makes the whole next rollout new-task data. The first rollout of
 the first ``learn()`` call counts as the start of the first task (task 0).
 """
@@ -43,23 +44,26 @@ TASK_SWITCH_INFO_KEY = "task_switch"
 
 def infos_signal_task_switch(infos: Iterable[dict[str, Any]] | None) -> bool:
     """Whether any sub-environment's ``info`` dict flags a task switch (see :data:`TASK_SWITCH_INFO_KEY`)."""
-    if infos is None:
-        return False
-    return any(bool(info.get(TASK_SWITCH_INFO_KEY)) for info in infos if isinstance(info, dict))
+    # Runs on every environment step: a plain loop is cheaper than any() over a generator.
+    if infos is not None:
+        for info in infos:
+            if isinstance(info, dict) and info.get(TASK_SWITCH_INFO_KEY):
+                return True
+    return False
 
 
 class TaskSwitchTracker:
     """Bookkeeping of task switches within rollouts, for a callback that sees every ``on_step``.
 
     It counts tasks, remembers the rollout step at which the current task's data starts, and reports at rollout end
-    whether a switch is pending (i.e. the rollout just collected contains the start of a new task).
+    whether a switch is pending (i.e. the rollout just collected contains the start of a new task). The caller passes
+    the rollout step (the rollout buffer's write position during ``on_step``), so nothing is counted per step.
     """
 
     def __init__(self) -> None:
         self.task_index = -1
         self.pending_first_step: int | None = None
-        self._step_in_rollout = 0
-        self._in_rollout = False
+        self.in_rollout = False
 
     def start_first_task(self) -> None:
         """Mark the start of task 0 (called once, at the first training start)."""
@@ -69,22 +73,15 @@ class TaskSwitchTracker:
 
     def rollout_started(self) -> None:
         """A new rollout begins."""
-        self._step_in_rollout = 0
-        self._in_rollout = True
+        self.in_rollout = True
 
-    def step(self, infos: Iterable[dict[str, Any]] | None) -> None:
-        """Process one environment step's ``infos`` (call once per ``on_step``)."""
-        if infos_signal_task_switch(infos):
-            self.notify()
-        self._step_in_rollout += 1
-
-    def notify(self) -> None:
-        """Register a switch now: inside a rollout it starts at the current step, otherwise at the next rollout."""
+    def notify(self, step_in_rollout: int) -> None:
+        """Register a switch at ``step_in_rollout`` of the current rollout (ignored between rollouts: next rollout)."""
         self.task_index = max(self.task_index, 0) + 1
-        self.pending_first_step = self._step_in_rollout if self._in_rollout else 0
+        self.pending_first_step = int(step_in_rollout) if self.in_rollout else 0
 
     def rollout_ended(self) -> int | None:
         """End of a rollout: the rollout step where the new task's data starts, or ``None`` if no switch is pending."""
-        self._in_rollout = False
+        self.in_rollout = False
         first_step, self.pending_first_step = self.pending_first_step, None
         return first_step

@@ -15,6 +15,7 @@ Everything is deterministic given ``seed``: probes come from a private ``torch.G
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,9 +129,9 @@ def lanczos(
     basis[:, 0] = starts.to(_BASIS_DTYPE) / norms
     alphas = starts.new_zeros((num_runs, steps_target), dtype=_BASIS_DTYPE)
     betas = starts.new_zeros((num_runs, max(steps_target - 1, 0)), dtype=_BASIS_DTYPE)
-    active = th.ones(num_runs, dtype=th.bool)
+    active = th.ones(num_runs, dtype=th.bool, device=starts.device)
     steps = [steps_target] * num_runs
-    scale = th.zeros(num_runs, dtype=_BASIS_DTYPE)
+    scale = th.zeros(num_runs, dtype=_BASIS_DTYPE, device=starts.device)
     num_products = 0
 
     for i in range(steps_target):
@@ -240,11 +241,12 @@ def stochastic_lanczos_quadrature(
     return quadrature_from_lanczos(result, dim)
 
 
+@functools.lru_cache(maxsize=64)
 def student_t_quantile(probability: float, dof: int) -> float:
     """Quantile of Student's t distribution (two-sided intervals use ``probability = (1 + confidence) / 2``).
 
     Computed by bisection on the CDF, which is integrated numerically; accurate to about 1e-6, enough for confidence
-    intervals, and avoids a scipy dependency.
+    intervals, and avoids a scipy dependency. Cached: a monitor asks for the same few quantiles at every measurement.
 
     :param probability: in ``(0.5, 1)``.
     :param dof: degrees of freedom, at least 1.

@@ -39,7 +39,10 @@ def spectral_mass_beyond(quadrature: SpectralQuadrature, epsilons: Sequence[floa
     :return: float64 tensor of shape ``(num_probes, len(epsilons))``.
     """
     eps = th.tensor(check_epsilons(epsilons), dtype=th.float64)
-    rows = [(w.unsqueeze(1) * (theta.abs().unsqueeze(1) > eps)).sum(dim=0) for theta, w in zip(quadrature.nodes, quadrature.weights, strict=True)]
+    rows = [
+        (w.unsqueeze(1) * (theta.abs().unsqueeze(1) > eps.to(theta.device))).sum(dim=0)
+        for theta, w in zip(quadrature.nodes, quadrature.weights, strict=True)
+    ]
     return th.stack(rows)
 
 
@@ -53,6 +56,55 @@ def epsilon_rank(quadrature: SpectralQuadrature, epsilons: Sequence[float]) -> t
     :return: float64 tensor of shape ``(len(epsilons),)``.
     """
     return spectral_mass_beyond(quadrature, epsilons).mean(dim=0)
+
+
+def _cumulative_weight_bounds(theta: th.Tensor, cumulative: th.Tensor, x: float, strict: bool) -> tuple[th.Tensor, th.Tensor]:
+    """Bounds on ``μ((−∞, x])`` (or ``μ((−∞, x))`` if ``strict``) from the Chebyshev–Markov–Stieltjes inequalities.
+
+    For a Gauss rule with ascending nodes ``θ_1 < … < θ_k`` and cumulative weights ``c_i = Σ_{j≤i} w_j``,
+    ``c_{i−1} ≤ μ((−∞, θ_i)) ≤ μ((−∞, θ_i]) ≤ c_i``; monotonicity of ``μ`` extends this to any ``x``.
+    """
+    point = th.tensor([x], dtype=theta.dtype, device=theta.device)
+    zero = cumulative.new_zeros(())
+    # Lower: the last node at or below x (strictly below for the open half-line) bounds the mass below it by c_{l−1}.
+    last = int(th.searchsorted(theta, point, right=not strict)) - 1
+    lower = cumulative[last - 1] if last >= 1 else zero
+    # Upper: the first node at or above x bounds the mass up to it by c_m.
+    first = int(th.searchsorted(theta, point, right=False))
+    upper = cumulative[first] if first < theta.numel() else cumulative.new_ones(())
+    return lower, upper
+
+
+def epsilon_rank_bounds(quadrature: SpectralQuadrature, epsilons: Sequence[float]) -> tuple[th.Tensor, th.Tensor]:
+    """Guaranteed bounds on each probe's ε-rank, averaged over probes.
+
+    A probe's quadrature estimates the mass of its spectral measure ``μ_v = Σ_i (u_iᵀv)²/‖v‖² δ_{λ_i}`` beyond ``ε``.
+    The Chebyshev–Markov–Stieltjes inequalities bracket ``μ_v`` exactly by the quadrature's cumulative weights, so
+    ``μ_v(|λ| > ε)`` lies in ``[lower, upper]`` for every probe (no statistics involved). The bracket is narrow where
+    Ritz values are dense around ``±ε`` and wide when ``ε`` is below the quadrature's resolution near zero (about the
+    spacing of the Ritz values there): then the ε-rank is *not resolved* by ``num_steps`` Lanczos steps.
+    The probe average of ``μ_v`` is an unbiased estimate of the fraction of eigenvalues beyond ε.
+
+    :param quadrature: SLQ nodes and weights.
+    :param epsilons: thresholds ``ε > 0``.
+    :return: ``(lower, upper)``, float64 tensors of shape ``(len(epsilons),)``.
+    """
+    eps = check_epsilons(epsilons)
+    lowers, uppers = [], []
+    for theta, w in zip(quadrature.nodes, quadrature.weights, strict=True):
+        cumulative = th.cumsum(w, dim=0)
+        probe_lower, probe_upper = [], []
+        for value in eps:
+            below_high, above_high = _cumulative_weight_bounds(theta, cumulative, value, strict=False)
+            below_low, above_low = _cumulative_weight_bounds(theta, cumulative, -value, strict=True)
+            # Mass in [−ε, ε] = μ((−∞, ε]) − μ((−∞, −ε)); the ε-rank is one minus it.
+            inside_min = th.clamp(below_high - above_low, min=0.0)
+            inside_max = th.clamp(above_high - below_low, max=1.0)
+            probe_lower.append(1.0 - inside_max)
+            probe_upper.append(1.0 - inside_min)
+        lowers.append(th.stack(probe_lower))
+        uppers.append(th.stack(probe_upper))
+    return th.stack(lowers).mean(dim=0).clamp(0.0, 1.0), th.stack(uppers).mean(dim=0).clamp(0.0, 1.0)
 
 
 def negative_mass(quadrature: SpectralQuadrature, threshold: float = 0.0) -> float:
@@ -80,6 +132,9 @@ class SpectrumSummary:
     :param epsilons: the ε thresholds.
     :param epsilon_ranks: estimated fraction of eigenvalues with ``|λ| > ε``, one per ε.
     :param epsilon_rank_std_errors: standard error of each ε-rank over probes (``nan`` with one probe).
+    :param epsilon_rank_bounds: ``(lower, upper)`` per ε: guaranteed bounds on the probes' ε-rank from the
+        Chebyshev–Markov–Stieltjes inequalities (see :func:`epsilon_rank_bounds`); a wide bracket means ε is below
+        the resolution of the quadrature.
     :param trace: Hutchinson trace estimate ``P · Σ_j w_j θ_j`` (exact Hutchinson for Rademacher probes) with a CI.
     :param dim: dimension ``P`` of the operator.
     :param num_probes: number of probes.
@@ -93,6 +148,7 @@ class SpectrumSummary:
     epsilons: tuple[float, ...]
     epsilon_ranks: tuple[float, ...]
     epsilon_rank_std_errors: tuple[float, ...]
+    epsilon_rank_bounds: tuple[tuple[float, float], ...]
     trace: TraceEstimate
     dim: int
     num_probes: int
@@ -116,6 +172,7 @@ def summarize_spectrum(
     threshold = min(eps) if negative_threshold is None else float(negative_threshold)
     nodes = quadrature.all_nodes()
     per_probe = spectral_mass_beyond(quadrature, eps)
+    lower, upper = epsilon_rank_bounds(quadrature, eps)
     if quadrature.num_probes > 1:
         std_errors = (per_probe.std(dim=0, unbiased=True) / math.sqrt(quadrature.num_probes)).tolist()
     else:
@@ -130,6 +187,7 @@ def summarize_spectrum(
         epsilons=eps,
         epsilon_ranks=tuple(per_probe.mean(dim=0).tolist()),
         epsilon_rank_std_errors=tuple(std_errors),
+        epsilon_rank_bounds=tuple(zip(lower.tolist(), upper.tolist(), strict=True)),
         trace=trace_estimate_from_samples(trace_samples, confidence),
         dim=quadrature.dim,
         num_probes=quadrature.num_probes,
@@ -162,7 +220,7 @@ def broadened_density(
     grid = np.linspace(low - margin * spread - 3 * width, high + margin * spread + 3 * width, num_points)
     density = np.zeros_like(grid)
     for theta, w in zip(quadrature.nodes, quadrature.weights, strict=True):
-        t, weight = theta.numpy()[:, None], w.numpy()[:, None]
+        t, weight = theta.cpu().numpy()[:, None], w.cpu().numpy()[:, None]
         density += (weight * np.exp(-0.5 * ((grid[None, :] - t) / width) ** 2)).sum(axis=0)
     density /= quadrature.num_probes * width * math.sqrt(2 * math.pi)
     return grid, density

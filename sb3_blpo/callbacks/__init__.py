@@ -1,0 +1,29 @@
+"""SB3 callbacks: curvature and plasticity monitors, and the task-switch protocol they share with continual wrappers."""
+
+from sb3_blpo.callbacks.monitors import (
+    FeatureRankCallback,
+    HessianSpectrumCallback,
+    PlasticityMonitor,
+    SpectrumMeasurement,
+    TrainabilityCallback,
+    TrainabilityRecord,
+    measure_loss_spectrum,
+)
+from sb3_blpo.callbacks.regularizers import PlasticityRegularizer, ReDo, ShrinkAndPerturb
+from sb3_blpo.callbacks.task_switch import TASK_SWITCH_INFO_KEY, TaskSwitchTracker, infos_signal_task_switch
+
+__all__ = [
+    "TASK_SWITCH_INFO_KEY",
+    "FeatureRankCallback",
+    "HessianSpectrumCallback",
+    "PlasticityMonitor",
+    "PlasticityRegularizer",
+    "ReDo",
+    "ShrinkAndPerturb",
+    "SpectrumMeasurement",
+    "TaskSwitchTracker",
+    "TrainabilityCallback",
+    "TrainabilityRecord",
+    "infos_signal_task_switch",
+    "measure_loss_spectrum",
+]

@@ -1,0 +1,124 @@
+"""rl-zoo3's ``ExperimentManager`` with input checks, BLPO schedule keys, and worker tags on tuning trials.
+
+Every override adds checks or context and then calls rl-zoo3's method, so training and tuning behave as in rl-zoo3.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from rl_zoo3.exp_manager import ExperimentManager
+from rl_zoo3.hyperparams_opt import HYPERPARAMS_SAMPLER
+from rl_zoo3.utils import ALGOS, SimpleLinearSchedule
+from stable_baselines3.common.callbacks import BaseCallback
+
+from sb3_blpo.blpo import BLPO
+from sb3_blpo.zoo.configs import (
+    check_algo_hyperparameters,
+    check_callbacks,
+    parse_linear_schedule,
+    read_yaml_config,
+    select_entry,
+)
+from sb3_blpo.zoo.errors import ZooInputError
+from sb3_blpo.zoo.hyperparams_opt import sample_blpo_params
+
+#: Schedule keys of BLPO that rl-zoo3 does not convert itself (it converts learning_rate, clip_range, ...).
+BLPO_SCHEDULE_KEYS = ("critic_learning_rate",)
+
+
+def worker_tag() -> str:
+    """``host:pid`` of this process: recorded on each tuning trial as the user attribute ``worker``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class CheckedExperimentManager(ExperimentManager):
+    """
+    rl-zoo3's experiment manager with clear errors for bad configs and BLPO-specific preprocessing.
+
+    * An env with no entry (and no ``default``) in a yaml config, a malformed entry, an unknown hyperparameter, a key
+      that the command line sets (``seed``, ``device``...), a callback that does not import or a ``batch_size`` larger
+      than BLPO's rollout raise :class:`~sb3_blpo.zoo.errors.ZooInputError` before anything is built.
+    * ``critic_learning_rate: lin_<x>`` becomes a linear schedule, as rl-zoo3 does for ``learning_rate``.
+    * Tuning uses :func:`~sb3_blpo.zoo.hyperparams_opt.sample_blpo_params` with the config entry and the trial budget
+      bound, and tags each trial with the ``worker`` that ran it (``host:pid``).
+
+    The constructor is rl-zoo3's (see ``rl_zoo3.exp_manager.ExperimentManager``).
+    """
+
+    _config_entry: str | None = None
+
+    @property
+    def _source(self) -> str:
+        entry = self._config_entry or self.env_name.gym_id
+        return f"{self.config} [{entry}]"
+
+    def read_hyperparameters(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """
+        Check that a yaml config has an entry for the env, then read it as rl-zoo3 does.
+
+        :return: the hyperparameters of the entry and the ones saved to ``config.yml``
+        """
+        if self.config.endswith((".yml", ".yaml")):
+            config = read_yaml_config(self.config)
+            self._config_entry = select_entry(config, self.env_name.gym_id, self.config, is_atari=self._is_atari)
+        return super().read_hyperparameters()
+
+    def _preprocess_hyperparams(
+        self, hyperparams: dict[str, Any]
+    ) -> tuple[dict[str, Any], Callable | None, list[BaseCallback], Callable | None]:
+        """
+        Check the entry and convert BLPO schedule strings, then preprocess as rl-zoo3 does; check what remains.
+
+        :param hyperparams: the config entry (with the command line's overrides)
+        :return: rl-zoo3's preprocessed hyperparameters, env wrapper, callbacks and VecEnv wrapper
+        """
+        if self.n_timesteps <= 0 and "n_timesteps" not in hyperparams:
+            raise ZooInputError(f"{self._source}: n_timesteps is missing (set it in the config or pass -n N)")
+        check_callbacks(hyperparams.get("callback"), self._source)
+        for key in BLPO_SCHEDULE_KEYS:
+            if isinstance(hyperparams.get(key), str):
+                hyperparams[key] = SimpleLinearSchedule(parse_linear_schedule(key, hyperparams[key], self._source))
+        processed, env_wrapper, callbacks, vec_env_wrapper = super()._preprocess_hyperparams(hyperparams)
+        algo_class = ALGOS[self.algo]
+        check_algo_hyperparameters(self.algo, algo_class, processed, self._source)
+        if issubclass(algo_class, BLPO) and not self.optimize_hyperparameters:
+            self._check_blpo_batch_size(processed)
+        return processed, env_wrapper, callbacks, vec_env_wrapper
+
+    def _check_blpo_batch_size(self, hyperparams: dict[str, Any]) -> None:
+        n_steps = hyperparams.get("n_steps", 2048)
+        batch_size = hyperparams.get("batch_size", 64)
+        if isinstance(n_steps, int) and isinstance(batch_size, int) and batch_size > n_steps * self.n_envs:
+            raise ZooInputError(
+                f"{self._source}: batch_size {batch_size} exceeds the rollout size n_steps * n_envs = "
+                f"{n_steps} * {self.n_envs} = {n_steps * self.n_envs}; BLPO needs batch_size <= the rollout size "
+                "(PPO silently uses the whole rollout instead)"
+            )
+
+    def objective(self, trial: optuna.Trial) -> float:
+        """
+        rl-zoo3's objective; the trial records which worker ran it (user attribute ``worker``).
+
+        :param trial: the Optuna trial to run
+        :return: the trial's last mean evaluation return
+        """
+        trial.set_user_attr("worker", worker_tag())
+        return super().objective(trial)
+
+    def hyperparameters_optimization(self) -> None:
+        """rl-zoo3's tuning loop, with BLPO's sampler bound to this config entry and trial budget."""
+        bound_sampler = functools.partial(sample_blpo_params, base_hyperparams=self._hyperparams, n_timesteps=self.n_timesteps)
+        sampler = HYPERPARAMS_SAMPLER.get(self.algo)
+        if sampler is sample_blpo_params:
+            HYPERPARAMS_SAMPLER[self.algo] = bound_sampler
+        try:
+            super().hyperparameters_optimization()
+        finally:
+            if sampler is not None:
+                HYPERPARAMS_SAMPLER[self.algo] = sampler
