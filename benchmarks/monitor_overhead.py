@@ -48,7 +48,9 @@ def _parameter_digest(model: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_single(monitored: bool, env_id: str, timesteps: int, seed: int, threads: int, tensorboard_dir: str) -> dict[str, Any]:
+def run_single(
+    monitored: bool, env_id: str, timesteps: int, seed: int, threads: int, tensorboard_dir: str, monitor_kwargs: str = "{}"
+) -> dict[str, Any]:
     """One training run (called in a subprocess); returns timings and a digest of the final parameters."""
     th.set_num_threads(threads)
     from stable_baselines3 import PPO
@@ -72,7 +74,7 @@ def run_single(monitored: bool, env_id: str, timesteps: int, seed: int, threads:
                 super().on_rollout_end()
                 inside["seconds"] += time.process_time() - start
 
-        callback = TimedMonitor()
+        callback = TimedMonitor(**json.loads(monitor_kwargs))
         monitor = callback
         # The monitor's histograms and figures are rendered when SB3 dumps the logs, outside the callback: count them.
         from torch.utils.tensorboard import SummaryWriter
@@ -122,6 +124,8 @@ def _child_command(monitored: bool, args: argparse.Namespace) -> list[str]:
         str(args.threads),
         "--tensorboard-dir",
         args.tensorboard_dir,
+        "--monitor-kwargs",
+        args.monitor_kwargs,
     ]
 
 
@@ -270,6 +274,7 @@ def main() -> None:
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "monitor_overhead.json"))
+    parser.add_argument("--monitor-kwargs", default="{}", help="JSON keyword arguments of PlasticityMonitor (default: none)")
     parser.add_argument("--tensorboard-dir", default=None, help="where runs write TensorBoard logs (default: a temp dir)")
     parser.add_argument("--child", choices=("plain", "monitored"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -277,7 +282,15 @@ def main() -> None:
     if args.child:
         print(
             json.dumps(
-                run_single(args.child == "monitored", args.env, args.timesteps, args.seed, args.threads, args.tensorboard_dir)
+                run_single(
+                    args.child == "monitored",
+                    args.env,
+                    args.timesteps,
+                    args.seed,
+                    args.threads,
+                    args.tensorboard_dir,
+                    args.monitor_kwargs,
+                )
             )
         )
         return
@@ -289,6 +302,7 @@ def main() -> None:
         "timesteps": args.timesteps,
         "threads": args.threads,
         "schedule": args.schedule,
+        "monitor_kwargs": json.loads(args.monitor_kwargs),
         "seed": args.seed,
         "tensorboard_dir": args.tensorboard_dir,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": th.__version__},

@@ -396,3 +396,18 @@ def test_bad_input_raises_clear_errors():
     off_policy = DQN("MlpPolicy", "CartPole-v1", buffer_size=100, learning_starts=0)
     with pytest.raises(TypeError, match="on-policy"):
         HessianSpectrumCallback().init_callback(off_policy)
+
+
+def test_plasticity_monitor_forwards_info_key_switches_to_its_monitors():
+    env = SwitchTaskAtStep(gym.make("CartPole-v1"), switch_step=70)  # rollout 2, index 5: 59 new-task transitions
+    model = _make_model("PPO", env=env)
+    monitor = PlasticityMonitor(hessian_kwargs=dict(FAST_SPECTRUM, n_samples=32), feature_kwargs=dict(n_samples=32))
+    model.learn(3 * 64, callback=monitor)
+    assert monitor.hessian.tasks.task_index == monitor.features.tasks.task_index == monitor.trainability.tasks.task_index == 1
+    # 59 < min_task_samples = 64: the task-1 measurement moved to rollout 3, all of it new-task data.
+    assert [(record.task_index, record.num_timesteps) for record in monitor.trainability.history] == [
+        (0, 64),
+        (0, 64),
+        (1, 192),
+        (1, 192),
+    ]

@@ -801,6 +801,13 @@ class PlasticityMonitor(CallbackList):
         self.trainability = TrainabilityCallback(**trainability_options)
         super().__init__([self.hessian, self.features, self.trainability])
 
+    def _on_step(self) -> bool:
+        # The children only look at each step for task-switch flags: check once here instead of three times (this runs
+        # on every environment step).
+        if infos_signal_task_switch(self.locals.get("infos")):
+            self.notify_task_switch()
+        return True
+
     def notify_task_switch(self) -> None:
         """Signal a task switch to the three monitors (see :mod:`sb3_blpo.callbacks.task_switch`)."""
         for callback in (self.hessian, self.features, self.trainability):
