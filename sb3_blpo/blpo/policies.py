@@ -15,6 +15,8 @@ from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticP
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
+from sb3_blpo.hypergrad import unique_parameters
+
 
 class _BilevelSplit:
     """Mixin for :class:`ActorCriticPolicy` subclasses: actor/critic parameter split and two optimizers."""
@@ -52,14 +54,14 @@ class _BilevelSplit:
 
     def actor_parameters(self: Any) -> list[nn.Parameter]:
         """Leader parameters θ: actor features extractor, policy branch, action head and ``log_std``."""
-        params = _unique(p for module in self._actor_modules() for p in module.parameters())
+        params = unique_parameters(p for module in self._actor_modules() for p in module.parameters())
         if isinstance(getattr(self, "log_std", None), nn.Parameter):
             params.append(self.log_std)
         return params
 
     def critic_parameters(self: Any) -> list[nn.Parameter]:
         """Follower parameters w: critic features extractor, value branch and value head."""
-        return _unique(p for module in self._critic_modules() for p in module.parameters())
+        return unique_parameters(p for module in self._critic_modules() for p in module.parameters())
 
     def _check_partition(self: Any, actor: list[nn.Parameter], critic: list[nn.Parameter]) -> None:
         actor_ids, critic_ids = {id(p) for p in actor}, {id(p) for p in critic}
@@ -75,16 +77,6 @@ class _BilevelSplit:
         """Log-probability and entropy of ``actions`` from the actor alone (no critic forward pass)."""
         distribution = self.get_distribution(obs)
         return distribution.log_prob(actions), distribution.entropy()
-
-
-def _unique(params: Any) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 class BLPOPolicy(_BilevelSplit, ActorCriticPolicy):

@@ -8,6 +8,7 @@ from sb3_blpo.hypergrad.hvp import (
     mixed_vector_product,
     parameter_count,
     unflatten_like,
+    unique_parameters,
 )
 from sb3_blpo.hypergrad.implicit import Hypergradient, bound_correction, implicit_hypergradient
 from sb3_blpo.hypergrad.solvers import (
@@ -40,4 +41,5 @@ __all__ = [
     "mixed_vector_product",
     "parameter_count",
     "unflatten_like",
+    "unique_parameters",
 ]

@@ -7,11 +7,24 @@ passes through that graph and no extra forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import torch as th
 
 Params = Sequence[th.Tensor]
+TensorT = TypeVar("TensorT", bound=th.Tensor)
+
+
+def unique_parameters(params: Iterable[TensorT]) -> list[TensorT]:
+    """``params`` without repeats (by identity), in first-seen order: modules that share a submodule list it twice."""
+    seen: set[int] = set()
+    unique = []
+    for param in params:
+        if id(param) not in seen:
+            seen.add(id(param))
+            unique.append(param)
+    return unique
 
 
 def parameter_count(params: Params) -> int:
