@@ -1,4 +1,5 @@
-"""Argument checks shared by every layer (numpy only): they fail at construction, naming the parameter and the accepted values."""
+"""Argument checks shared by every layer (numpy only): they fail at construction, naming the parameter and
+the accepted values."""
 
 from __future__ import annotations
 
