@@ -10,7 +10,7 @@ the cores; the wall-time ratio is what a user waits for on an idle machine), the
 callbacks, and whether both runs end with identical parameters (the monitor must not perturb training).
 
 Accuracy: after a few PPO updates on Hopper-v5, the default HessianSpectrumCallback settings (512 samples, 30 Lanczos
-steps, 3 probes) are compared, for three probe seeds, with the exact spectrum of the same losses on the same samples,
+steps, 2 probes) are compared, for three probe seeds, with the exact spectrum of the same losses on the same samples,
 from the dense Hessian computed by ``torch.func`` (reverse-over-reverse, independent of the double-backward products
 the monitor uses): λmax and λmin errors, ε-ranks with their guaranteed brackets over a grid of ε, and the trace.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import importlib
 import os
 from typing import Any
 
@@ -18,6 +17,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from sb3_blpo import BLPO
 from sb3_blpo.callbacks import (
     TASK_SWITCH_INFO_KEY,
     FeatureRankCallback,
@@ -28,8 +28,6 @@ from sb3_blpo.callbacks import (
 from sb3_blpo.callbacks._loss_access import OnPolicyLossAccess
 from sb3_blpo.callbacks.monitors import TRAINABILITY_METRIC_NAMES
 from sb3_blpo.curvature import SpectralQuadrature, epsilon_rank
-
-BLPO = getattr(importlib.import_module("sb3_blpo"), "BLPO", None)
 
 TINY_NET = dict(net_arch=dict(pi=[8, 8], vf=[8, 8]))
 FAST_SPECTRUM = dict(lanczos_steps=8, num_probes=2, n_samples=64)
@@ -50,8 +48,6 @@ def _make_model(algo: str, env: Any = None, n_steps: int = 64, **kwargs: Any) ->
     if algo == "A2C":
         return A2C("MlpPolicy", env or "Pendulum-v1", n_steps=n_steps, policy_kwargs=TINY_NET, seed=0, **kwargs)
     if algo == "BLPO":
-        if BLPO is None:
-            pytest.skip("sb3_blpo.BLPO is not available")
         return BLPO(
             "MlpPolicy",
             env or "CartPole-v1",
@@ -349,8 +345,11 @@ def test_feature_metrics_of_the_callback_match_a_manual_forward_pass():
     measured = callback.measure()
     batch = callback.access.sample_batch(None, th.Generator().manual_seed(0))
     with th.no_grad():
-        latent_pi = model.policy.mlp_extractor.forward_actor(model.policy.extract_features(batch.observations)[0])
-        latent_vf0 = model.policy.mlp_extractor.value_net[:2](model.policy.extract_features(batch.observations)[1])
+        features = model.policy.extract_features(batch.observations)
+        # A shared features extractor returns one tensor, separate ones a (policy, value) pair.
+        pi_features, vf_features = features if isinstance(features, tuple) else (features, features)
+        latent_pi = model.policy.mlp_extractor.forward_actor(pi_features)
+        latent_vf0 = model.policy.mlp_extractor.value_net[:2](vf_features)
     from sb3_blpo.metrics import feature_metrics
 
     assert measured["pi1"] == pytest.approx(feature_metrics(latent_pi))

@@ -1,8 +1,9 @@
 """The one place that knows how to reach an SB3 on-policy algorithm's parameters, losses and hidden layers.
 
 Supported: algorithms built on :class:`~stable_baselines3.common.on_policy_algorithm.OnPolicyAlgorithm` whose policy is
-an :class:`~stable_baselines3.common.policies.ActorCriticPolicy` (PPO, A2C, sb3-contrib's TRPO and MaskablePPO, BLPO).
-Recurrent policies are refused: their losses need LSTM states that the rollout buffer does not hand back per sample.
+an :class:`~stable_baselines3.common.policies.ActorCriticPolicy` (PPO, A2C, sb3-contrib's TRPO, BLPO). Other policies are
+refused, among them sb3-contrib's recurrent policies (their losses need LSTM states that the rollout buffer does not
+hand back per sample) and MaskablePPO's policy (not an ``ActorCriticPolicy``).
 
 **Parameter groups.** If the policy defines ``actor_parameters()`` and ``critic_parameters()`` (BLPO's policies do),
 those are used. Otherwise SB3's modules are split: the actor is ``pi_features_extractor``,

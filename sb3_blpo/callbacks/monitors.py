@@ -17,12 +17,13 @@ Values recorded at a task start that is not a dump rollout are written at the ne
 
 Logged keys (scalars are Python floats; histograms and figures go to TensorBoard only):
 
-* ``hessian/<group>/{lambda_max, lambda_min, neg_mass, trace, trace_ci, eps_rank_<ε>}``, ``hessian/<group>/ritz``
-  (histogram), ``hessian/<group>/density`` (figure), ``hessian/seconds``; ``<group>`` is ``actor``, ``critic`` or
-  ``joint``;
+* ``hessian/<group>/{lambda_max, lambda_min, neg_mass, trace, trace_ci, eps_rank_<ε>, eps_rank_lo_<ε>,
+  eps_rank_hi_<ε>}``, ``hessian/<group>/ritz`` (histogram), ``hessian/<group>/density`` (figure), ``hessian/seconds``;
+  ``<group>`` is ``actor``, ``critic`` or ``joint``;
 * ``plasticity/<layer>/{erank, srank, approx_rank, rank, dormant, feat_norm}`` for layers ``pi0, pi1, …, vf0, …``
   and ``plasticity/<actor|critic>/{weight_norm, dist_init}``;
-* ``trainability/<group>/{eps_rank, ratio, lmax_ratio, collapse}`` and ``trainability/task``.
+* ``trainability/<group>/{epsilon, eps_rank, eps_rank_lo, eps_rank_hi, ratio, lmax_ratio, collapse}`` and
+  ``trainability/task``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.logger import Figure
+from stable_baselines3.common.logger import Figure, TensorBoardOutputFormat
 
 from sb3_blpo._validation import check_float, check_int, check_one_of
 from sb3_blpo.callbacks._loss_access import ACTOR_OBJECTIVES, PARAMETER_GROUPS, OnPolicyLossAccess, RolloutBatch
@@ -320,7 +321,7 @@ class HessianSpectrumCallback(_RolloutMonitor):
         on_task_switch: bool = True,
         n_samples: int | None = 512,
         lanczos_steps: int = 30,
-        num_probes: int = 3,
+        num_probes: int = 2,
         epsilons: Sequence[float] = (1e-3, 1e-2, 1e-1),
         log_density_figure: bool = True,
         log_ritz_histogram: bool = True,
@@ -402,6 +403,8 @@ class HessianSpectrumCallback(_RolloutMonitor):
             self.logger.record(keys[f"eps_{eps!r}"], float(value))
             self.logger.record(keys[f"eps_lo_{eps!r}"], float(lower))
             self.logger.record(keys[f"eps_hi_{eps!r}"], float(upper))
+        if not any(isinstance(writer, TensorBoardOutputFormat) for writer in self.logger.output_formats):
+            return  # histograms and figures go to TensorBoard only: do not build what no writer will render
         if self.log_ritz_histogram:
             self.logger.record(keys["ritz"], measurement.quadrature.all_nodes().cpu().numpy(), exclude=TENSORBOARD_ONLY)
         if self.log_density_figure:
@@ -472,7 +475,7 @@ class FeatureRankCallback(_RolloutMonitor):
         layers: Sequence[str] | None = None,
         every_n_rollouts: int | None = 1,
         on_task_switch: bool = True,
-        n_samples: int | None = 2048,
+        n_samples: int | None = 1024,
         center: bool = False,
         srank_delta: float = 0.01,
         approximate_rank_threshold: float = 0.99,
@@ -622,7 +625,7 @@ class TrainabilityCallback(_RolloutMonitor):
         spectrum_source: HessianSpectrumCallback | None = None,
         n_samples: int | None = 512,
         lanczos_steps: int = 30,
-        num_probes: int = 3,
+        num_probes: int = 2,
         actor_objective: str = "auto",
         min_task_samples: int = 64,
         seed: int = 0,
@@ -800,6 +803,11 @@ class PlasticityMonitor(CallbackList):
         }
         self.trainability = TrainabilityCallback(**trainability_options)
         super().__init__([self.hessian, self.features, self.trainability])
+
+    def update_child_locals(self, locals_: dict[str, Any]) -> None:
+        # The children read the step's locals only for task-switch flags, which this callback checks for them; skip
+        # copying the rollout's locals into three more dicts on every environment step.
+        pass
 
     def _on_step(self) -> bool:
         # The children only look at each step for task-switch flags: check once here instead of three times (this runs
