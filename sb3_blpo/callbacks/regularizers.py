@@ -270,7 +270,7 @@ class PlasticityRegularizer(BaseCallback):
         self._params = {level: _select_parameters(self._access.parameters(level), self.parameters) for level in levels}
         if self.l2_init_coef > 0:
             self._check_anchor(getattr(self.model, L2_INIT_ATTRIBUTE, None))
-        n_samples = self.model.n_steps * self.model.n_envs
+        n_samples = self.model.n_steps * self.model.n_envs  # type: ignore[attr-defined]  # on-policy (checked above)
         self._per_epoch = math.ceil(n_samples / getattr(self.model, "batch_size", n_samples))
         self._ascent_points = int(getattr(self.model, "n_epochs", 1))
 
@@ -304,7 +304,8 @@ class PlasticityRegularizer(BaseCallback):
                 for level, params in self._params.items()
             }
         if self._is_blpo:
-            model, term = self.model, self._blpo_term
+            model: Any = self.model  # a BLPO (checked by _is_blpo)
+            term = self._blpo_term
             model.add_loss_term(term)
             # Bound to this model: the callback may be initialised on another one before an interrupted run is cleaned.
             self._undo.append(lambda: model.remove_loss_term(term) if term in model._loss_terms else None)
@@ -534,7 +535,7 @@ class PlasticityRegularizer(BaseCallback):
 # ---------------------------------------------------------------------------------------------------------------- S&P
 def _policy_optimizers(policy: nn.Module) -> list[th.optim.Optimizer]:
     """The policy's optimizers: ``optimizer`` and, for BLPO, ``critic_optimizer``."""
-    optimizers = [policy.optimizer]
+    optimizers: list[Any] = [policy.optimizer]
     critic_optimizer = getattr(policy, "critic_optimizer", None)
     if isinstance(critic_optimizer, th.optim.Optimizer):
         optimizers.append(critic_optimizer)
