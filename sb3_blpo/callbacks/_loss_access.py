@@ -45,6 +45,8 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 
+from sb3_blpo.hypergrad import unique_parameters
+
 PARAMETER_GROUPS = ("actor", "critic", "joint")
 ACTOR_OBJECTIVES = ("auto", "clipped_surrogate", "policy_gradient", "surrogate")
 
@@ -70,16 +72,6 @@ class RolloutBatch:
     def size(self) -> int:
         """Number of transitions."""
         return int(self.returns.shape[0])
-
-
-def _unique(params: Sequence[nn.Parameter] | Any) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 def _recurrent_policy_types() -> tuple[type, ...]:
@@ -179,11 +171,11 @@ class OnPolicyLossAccess:
                 )
             actor_modules = ("pi_features_extractor", "mlp_extractor.policy_net", "action_net")
             critic_modules = ("vf_features_extractor", "mlp_extractor.value_net", "value_net")
-            actor = _unique(p for name in actor_modules for p in required[name].parameters())  # type: ignore[union-attr]
+            actor = unique_parameters(p for name in actor_modules for p in required[name].parameters())  # type: ignore[union-attr]
             log_std = getattr(policy, "log_std", None)
             if isinstance(log_std, nn.Parameter):
                 actor.append(log_std)
-            critic = _unique(p for name in critic_modules for p in required[name].parameters())  # type: ignore[union-attr]
+            critic = unique_parameters(p for name in critic_modules for p in required[name].parameters())  # type: ignore[union-attr]
         actor = [p for p in actor if p.requires_grad]
         critic = [p for p in critic if p.requires_grad]
         if not actor or not critic:

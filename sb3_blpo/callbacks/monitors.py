@@ -215,6 +215,21 @@ class _RolloutMonitor(BaseCallback):
     def _sample(self, first_step: int) -> RolloutBatch:
         return self.access.sample_batch(self.n_samples, self._generator(), first_step=first_step)
 
+    def _group_spectrum(
+        self, settings: _SpectrumSettings, group: str, batch: RolloutBatch, stream: int
+    ) -> tuple[SpectrumSummary, SpectralQuadrature]:
+        """Lanczos/SLQ spectrum of ``group``'s loss on ``batch``, with this rollout's seed for ``stream``."""
+        with th.enable_grad():
+            loss = self.access.loss(group, batch)
+            return measure_loss_spectrum(
+                loss,
+                self.access.parameters(group),
+                settings.lanczos_steps,
+                settings.num_probes,
+                settings.epsilons,
+                seed=self._stream_seed(1 + stream),
+            )
+
 
 @dataclass(frozen=True)
 class SpectrumMeasurement:
@@ -361,16 +376,7 @@ class HessianSpectrumCallback(_RolloutMonitor):
         results = {}
         for stream, group in enumerate(self.settings.parameter_groups):
             start = time.perf_counter()
-            with th.enable_grad():
-                loss = self.access.loss(group, batch)
-                summary, quadrature = measure_loss_spectrum(
-                    loss,
-                    self.access.parameters(group),
-                    self.settings.lanczos_steps,
-                    self.settings.num_probes,
-                    self.settings.epsilons,
-                    seed=self._stream_seed(1 + stream),
-                )
+            summary, quadrature = self._group_spectrum(self.settings, group, batch, stream)
             results[group] = SpectrumMeasurement(
                 group=group,
                 summary=summary,
@@ -669,17 +675,7 @@ class TrainabilityCallback(_RolloutMonitor):
                 return shared.quadrature
         if "batch" not in batch_cache:
             batch_cache["batch"] = self._sample(first_step)
-        with th.enable_grad():
-            loss = self.access.loss(group, batch_cache["batch"])
-            _, quadrature = measure_loss_spectrum(
-                loss,
-                self.access.parameters(group),
-                self.settings.lanczos_steps,
-                self.settings.num_probes,
-                self.settings.epsilons,
-                seed=self._stream_seed(1 + stream),
-            )
-        return quadrature
+        return self._group_spectrum(self.settings, group, batch_cache["batch"], stream)[1]
 
     def _group_epsilon(self, group: str, quadrature: SpectralQuadrature) -> float:
         if group not in self.group_epsilons:

@@ -88,7 +88,7 @@ class ContinualTaskWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def _apply_task(self, task: int) -> None:
         """Make ``task`` the current task (draw its parameters from :meth:`task_rng` and install them)."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: each wrapper installs its own kind of task
 
     def set_task(self, task: int) -> None:
         """Switch to task ``task`` now; the next ``step()`` is its first and carries the switch signal.
