@@ -42,14 +42,16 @@ PPO_KEYS = (
     "explained_variance",
     "clip_range",
 )
-BLPO_KEYS = ("value_loss_before_nested",)
+BLPO_KEYS = ("value_loss_before_nested", "seconds_update", "seconds_nested_critic")
 IHVP_KEYS = (
     "hypergrad_norm",
     "ihvp_correction_norm",
     "correction_cosine",
     "correction_bounded_fraction",
     "ihvp_fallbacks",
-    "ihvp_seconds",
+    "seconds_hypergradient",
+    "seconds_ihvp",
+    "seconds_mixed_term",
 )
 
 
@@ -281,12 +283,14 @@ def test_ihvp_solvers(solver: str | None, ihvp_kwargs: dict) -> None:
     assert_finite_parameters(model)
     if solver is None:
         values = assert_train_logs(model, PPO_KEYS + BLPO_KEYS)
-        assert "ihvp_fallbacks" not in values and "ihvp_seconds" not in values
+        assert "ihvp_fallbacks" not in values and "seconds_ihvp" not in values
     else:
         assert model._solver is not None and model._solver.name == solver
         values = assert_train_logs(model)
         assert values["ihvp_fallbacks"] == 0.0
-        assert values["ihvp_seconds"] > 0.0
+        assert values["seconds_update"] > values["seconds_hypergradient"] > values["seconds_ihvp"] > 0.0
+        assert values["seconds_hypergradient"] > values["seconds_mixed_term"] > 0.0
+        assert values["seconds_update"] > values["seconds_nested_critic"] > 0.0
         assert values["ihvp_correction_norm"] > 0.0, "the mixed term should give a non-zero correction"
         assert 0.0 <= values["correction_bounded_fraction"] <= 1.0
         assert -1.0 <= values["correction_cosine"] <= 1.0

@@ -372,6 +372,7 @@ class BLPO(OnPolicyAlgorithm):
     # ------------------------------------------------------------------ training
     def train(self) -> None:
         """Update the critic (nested best response) and the actor (hypergradient) on the collected rollout."""
+        update_started = time.perf_counter()
         self.policy.set_training_mode(True)
         self._nonfinite_skips = 0
         clip_range = self._update_schedules()
@@ -382,7 +383,9 @@ class BLPO(OnPolicyAlgorithm):
             for batch in rollout.minibatches(self.batch_size):
                 if self.use_sde:
                     self.policy.reset_noise(len(batch))
+                nested_started = time.perf_counter()
                 stats["value_loss_before_nested"].append(self._nested_critic_steps(batch))
+                stats["seconds_nested_critic"].append(time.perf_counter() - nested_started)
                 actor_loss, approx_kl = self._actor_objective(rollout, batch, clip_range, stats)
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
                     continue_training = False
@@ -394,6 +397,7 @@ class BLPO(OnPolicyAlgorithm):
             self._n_updates += 1
             if not continue_training:
                 break
+        stats["seconds_update"].append(time.perf_counter() - update_started)
         self._record_train_stats(stats, clip_range)
 
     def _update_schedules(self) -> float:
@@ -552,7 +556,9 @@ class BLPO(OnPolicyAlgorithm):
             self._solver,
         )
         direct, correction = hypergradient.direct, hypergradient.correction
-        stats["ihvp_seconds"].append(time.perf_counter() - started)
+        stats["seconds_hypergradient"].append(time.perf_counter() - started)
+        stats["seconds_ihvp"].append(hypergradient.seconds["ihvp"])
+        stats["seconds_mixed_term"].append(hypergradient.seconds["mixed"])
         if not self._finite(direct, "actor gradient"):
             return None
         if not (th.isfinite(correction).all() and th.isfinite(hypergradient.ihvp.x).all()):
@@ -613,7 +619,10 @@ class BLPO(OnPolicyAlgorithm):
                 self.logger.record(f"train/{key}", float(np.mean(stats[key])))
         if self._solver is not None:
             self.logger.record("train/ihvp_fallbacks", float(np.sum(stats["ihvp_fallbacks"])))
-            self.logger.record("train/ihvp_seconds", float(np.sum(stats["ihvp_seconds"])))
+            for key in ("seconds_hypergradient", "seconds_ihvp", "seconds_mixed_term"):
+                self.logger.record(f"train/{key}", float(np.sum(stats[key])))
+        for key in ("seconds_update", "seconds_nested_critic"):
+            self.logger.record(f"train/{key}", float(np.sum(stats[key])))
         self.logger.record("train/nonfinite_skips", float(self._nonfinite_skips))
         self.logger.record("train/loss", stats["loss"][-1] if stats["loss"] else math.nan)
         self.logger.record("train/explained_variance", float(explained_var))

@@ -6,7 +6,8 @@ Pure torch: nothing here imports Stable-Baselines3.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch as th
 
@@ -22,12 +23,16 @@ class Hypergradient:
     :param outer_grad_inner: ``v = ∇w f``, the outer loss's gradient w.r.t. the inner (follower) parameters.
     :param correction: ``u = ∂²g/∂θ∂w · x`` with ``x ≈ (∇²ww g)⁻¹ v``, before any norm bound.
     :param ihvp: the IHVP solve that produced ``x``.
+    :param seconds: host wall time of each phase: ``"gradients"`` (``∇θ f`` and ``∇w f``), ``"ihvp"`` (the solve,
+        including the ``create_graph`` backward of ``g``) and ``"mixed"`` (the mixed product). On an asynchronous
+        device (CUDA) these are launch times unless the caller synchronises.
     """
 
     direct: th.Tensor
     outer_grad_inner: th.Tensor
     correction: th.Tensor
     ihvp: IHVPResult
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def total(self) -> th.Tensor:
@@ -74,6 +79,7 @@ def implicit_hypergradient(
     if any(id(p) in inner_ids for p in outer_params):
         raise ValueError("outer_params and inner_params must be disjoint; a tensor appears in both")
 
+    started = time.perf_counter()
     # retain_graph: f and g usually share part of the forward graph (e.g. the critic's values), and the
     # create_graph backward of g below still needs it.
     grads = th.autograd.grad(outer_loss, outer_params + inner_params, retain_graph=True, allow_unused=True)
@@ -81,10 +87,17 @@ def implicit_hypergradient(
     direct = flatten(grads[:n_outer], like=outer_params).detach()
     v = flatten(grads[n_outer:], like=inner_params).detach()
 
+    gradients_done = time.perf_counter()
     hvp = HessianVectorProduct(inner_loss, inner_params, damping=damping)
     ihvp = solver.solve(hvp, v)
+    ihvp_done = time.perf_counter()
     correction = hvp.mixed_product(outer_params, ihvp.x).detach()
-    return Hypergradient(direct=direct, outer_grad_inner=v, correction=correction, ihvp=ihvp)
+    seconds = {
+        "gradients": gradients_done - started,
+        "ihvp": ihvp_done - gradients_done,
+        "mixed": time.perf_counter() - ihvp_done,
+    }
+    return Hypergradient(direct=direct, outer_grad_inner=v, correction=correction, ihvp=ihvp, seconds=seconds)
 
 
 def bound_correction(direct: th.Tensor, correction: th.Tensor, bound: float) -> tuple[th.Tensor, bool]:

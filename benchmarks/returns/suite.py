@@ -1,0 +1,171 @@
+"""Returns suite: BLPO (Nyström), BLPO nested-only, BLPO with CG and PPO on six environments, several seeds.
+
+Every run is rl-zoo3's ``train`` through ``sb3-blpo-zoo`` (``python -m sb3_blpo.zoo``), one process per run, so runs
+parallelise (``--jobs``) and use exactly the configs users get:
+
+* ``blpo``: ``zoo_hyperparams/blpo.yml`` (Nyström IHVP, rank 5, ρ = 1);
+* ``blpo_nested``: the same entry with ``ihvp_solver=None`` (nested critic steps, plain actor gradient: the ablation);
+* ``blpo_cg``: the same entry with ``ihvp_solver="cg"``;
+* ``ppo``: rl-zoo3's own ``ppo.yml`` entry (its ``-v4`` entry for the MuJoCo ``-v5`` envs, which zoo lacks).
+
+The policy is evaluated ``--evals`` times per run (deterministic actions, ``--eval-episodes`` episodes, rl-zoo3's
+EvalCallback with normalisation statistics synced). Each finished run becomes ``<out>/csv/<env>/<variant>/seed<k>.csv``
+with one row per evaluation (``timesteps, mean_return, std_return, episodes, seconds``); a run whose CSV exists is
+skipped, so an interrupted suite resumes where it stopped.
+
+Usage::
+
+    python benchmarks/returns/suite.py --jobs 2                 # the "cpu" profile of docs/benchmarks.md
+    python benchmarks/returns/suite.py --profile full --jobs 16 # rl-zoo3's budgets (1e5 to 1e6 steps per run)
+    python benchmarks/returns/report.py                         # rliable aggregates, plots, markdown tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+DEFAULT_OUT = HERE / "results"
+
+ENVS = ("CartPole-v1", "Acrobot-v1", "LunarLander-v3", "Pendulum-v1", "Hopper-v5", "HalfCheetah-v5")
+# Steps per run. "cpu": what a 2-core machine finishes in about an hour for 4 variants x 5 seeds; "full": the
+# budgets of the configs themselves (rl-zoo3's n_timesteps; Acrobot: the authors' 5e5).
+PROFILES = {
+    "cpu": {
+        "CartPole-v1": 50_000,
+        "Acrobot-v1": 50_000,
+        "LunarLander-v3": 100_000,
+        "Pendulum-v1": 50_000,
+        "Hopper-v5": 50_000,
+        "HalfCheetah-v5": 50_000,
+    },
+    "full": {
+        "CartPole-v1": 100_000,
+        "Acrobot-v1": 500_000,
+        "LunarLander-v3": 1_000_000,
+        "Pendulum-v1": 100_000,
+        "Hopper-v5": 1_000_000,
+        "HalfCheetah-v5": 1_000_000,
+    },
+}
+VARIANTS = {
+    "blpo": ("blpo", []),
+    "blpo_nested": ("blpo", ["ihvp_solver:None"]),
+    "blpo_cg": ("blpo", ["ihvp_solver:'cg'"]),
+    "ppo": ("ppo", []),
+}
+LABELS = {"blpo": "BLPO (Nyström)", "blpo_nested": "BLPO nested-only", "blpo_cg": "BLPO (CG)", "ppo": "PPO (zoo)"}
+CSV_FIELDS = ("timesteps", "mean_return", "std_return", "episodes", "seconds")
+
+
+def ppo_config(out: Path) -> Path:
+    """rl-zoo3's ppo.yml plus ``-v5`` keys copied from its ``-v4`` entries (zoo has none; without them the MuJoCo
+    envs would fall back to zoo's ``default`` entry: no normalisation, default PPO)."""
+    import rl_zoo3
+
+    source = Path(rl_zoo3.__file__).parent / "hyperparams" / "ppo.yml"
+    entries = yaml.safe_load(source.read_text())
+    for env_id in ENVS:
+        if env_id.endswith("-v5") and env_id not in entries:
+            entries[env_id] = entries[env_id[:-1] + "4"]
+    target = out / "ppo_zoo_v5.yml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(entries, sort_keys=True))
+    return target
+
+
+def csv_path(out: Path, env_id: str, variant: str, seed: int) -> Path:
+    return out / "csv" / env_id / variant / f"seed{seed}.csv"
+
+
+def train_command(env_id: str, variant: str, seed: int, steps: int, args: argparse.Namespace, log_dir: Path) -> list[str]:
+    algo, overrides = VARIANTS[variant]
+    command = [sys.executable, "-m", "sb3_blpo.zoo", "train", "--algo", algo, "--env", env_id, "--seed", str(seed)]
+    command += ["-n", str(steps), "--eval-freq", str(max(steps // args.evals, 1)), "--eval-episodes", str(args.eval_episodes)]
+    command += ["-f", str(log_dir), "--num-threads", "1", "--verbose", "0", "--log-interval", "-1"]
+    if algo == "ppo":
+        command += ["--conf-file", str(ppo_config(args.out))]
+    if overrides:
+        command += ["-params", *overrides]
+    return command
+
+
+def run(env_id: str, variant: str, seed: int, steps: int, args: argparse.Namespace) -> str:
+    target = csv_path(args.out, env_id, variant, seed)
+    log_dir = args.out / "logs" / f"{env_id}_{variant}_seed{seed}"
+    shutil.rmtree(log_dir, ignore_errors=True)  # a partial run from an interrupted suite starts over
+    started = time.perf_counter()
+    result = subprocess.run(
+        train_command(env_id, variant, seed, steps, args, log_dir),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
+    )
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        return f"FAILED ({seconds:.0f} s)\n{result.stderr[-2000:]}"
+    evaluations = sorted(log_dir.rglob("evaluations.npz"))
+    if not evaluations:
+        return f"FAILED: no evaluations.npz under {log_dir}"
+    data = np.load(evaluations[-1])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        (int(t), float(np.mean(r)), float(np.std(r)), len(r), round(seconds, 1))
+        for t, r in zip(data["timesteps"], data["results"], strict=True)
+    ]
+    with open(target.with_suffix(".tmp"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_FIELDS)
+        writer.writerows(rows)
+    target.with_suffix(".tmp").replace(target)  # the CSV appears only once complete: resume skips finished runs only
+    if not args.keep_logs:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return f"ok ({seconds:.0f} s, last eval {rows[-1][1]:.1f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=None, help="override the profile's steps per run (all envs)")
+    parser.add_argument("--evals", type=int, default=10, help="evaluations per run")
+    parser.add_argument("--eval-episodes", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--keep-logs", action="store_true", help="keep rl-zoo3's log folders (models, configs)")
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    jobs = [
+        (env_id, variant, seed, args.steps or PROFILES[args.profile][env_id])
+        for seed in args.seeds
+        for env_id in args.envs
+        for variant in args.variants
+        if not csv_path(args.out, env_id, variant, seed).exists()
+    ]
+    print(f"{len(jobs)} runs to do ({args.profile} profile)", flush=True)
+
+    def launch(job: tuple[str, str, int, int]) -> None:
+        env_id, variant, seed, steps = job
+        print(f"{env_id} {variant} seed {seed} ({steps} steps): {run(env_id, variant, seed, steps, args)}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(launch, jobs))
+
+
+if __name__ == "__main__":
+    main()
