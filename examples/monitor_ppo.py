@@ -9,9 +9,9 @@ TensorBoard shows the scalars under the ``hessian/``, ``plasticity/`` and ``trai
 under HISTOGRAMS (``hessian/<group>/ritz``) and the spectral density figures under IMAGES (``hessian/<group>/density``).
 ``--export-png docs/img/monitor_dashboard.png`` also renders the main curves from the run's event file with matplotlib.
 
-The environment wrapper below follows the task-switch protocol of :mod:`sb3_blpo.callbacks.task_switch`: it sets
-``info[TASK_SWITCH_INFO_KEY] = True`` on the first step of each new task, so the monitors measure the curvature at
-every new-task initialisation, before PPO updates on the new task's data.
+The environment is ``sb3_blpo/PermutedCartPole-v0`` (``sb3_blpo.envs``): its wrapper sets
+``info["task_switch"] = True`` on the first step of each new task, so the monitors measure the curvature at every
+new-task initialisation, before PPO updates on the new task's data.
 """
 
 from __future__ import annotations
@@ -20,42 +20,12 @@ import argparse
 import glob
 import io
 import os
-from typing import Any
 
 import gymnasium as gym
-import numpy as np
 from stable_baselines3 import PPO
 
-from sb3_blpo.callbacks import TASK_SWITCH_INFO_KEY, PlasticityMonitor
-
-
-class PermutedObservationTasks(gym.Wrapper):
-    """Each task permutes and sign-flips the observation with a fixed random pattern; switches every ``task_length`` steps."""
-
-    def __init__(self, env: gym.Env, task_length: int, seed: int = 0) -> None:
-        super().__init__(env)
-        self.task_length = task_length
-        self.rng = np.random.default_rng(seed)
-        self.steps = 0
-        self.size = int(np.prod(env.observation_space.shape))
-        self.permutation, self.signs = np.arange(self.size), np.ones(self.size)
-
-    def _transform(self, observation: np.ndarray) -> np.ndarray:
-        return (observation[self.permutation] * self.signs).astype(observation.dtype)
-
-    def reset(self, **kwargs: Any) -> Any:
-        observation, info = self.env.reset(**kwargs)
-        return self._transform(observation), info
-
-    def step(self, action: Any) -> Any:
-        observation, reward, terminated, truncated, info = self.env.step(action)
-        self.steps += 1
-        if self.steps % self.task_length == 0:
-            # From the next observation on, the agent sees the new task; flag it on this step.
-            self.permutation = self.rng.permutation(self.size)
-            self.signs = self.rng.choice([-1.0, 1.0], size=self.size)
-            info[TASK_SWITCH_INFO_KEY] = True
-        return self._transform(observation), reward, terminated, truncated, info
+import sb3_blpo.envs  # noqa: F401 - registers the sb3_blpo/... env ids
+from sb3_blpo.callbacks import PlasticityMonitor
 
 
 def export_dashboard_png(run_dir: str, path: str) -> None:
@@ -131,7 +101,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    env = PermutedObservationTasks(gym.make("CartPole-v1"), task_length=args.task_length, seed=args.seed)
+    env = gym.make("sb3_blpo/PermutedCartPole-v0", steps_per_task=args.task_length, schedule_seed=args.seed)
     model = PPO("MlpPolicy", env, n_steps=1024, batch_size=64, seed=args.seed, tensorboard_log=args.logdir, verbose=1)
     # Default cadence: Hessian spectrum every 20 rollouts and at every task start, feature ranks every rollout; the
     # rollouts here are short (1024 steps), so measure the spectrum more often than the default.

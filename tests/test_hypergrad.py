@@ -499,6 +499,9 @@ def test_implicit_hypergradient_matches_finite_differences(problem_cls):
     assert _rel_err(hyper.direct + hyper.correction, expected) > 1e-2
     assert _rel_err(hyper.direct, expected) > 1e-2
     assert th.allclose(hyper.total, hyper.direct - hyper.correction)
+    # Phase timings (BLPO logs them as train/seconds_*): one entry per phase, each a non-negative wall time.
+    assert set(hyper.seconds) == {"gradients", "ihvp", "mixed"}
+    assert all(seconds >= 0.0 for seconds in hyper.seconds.values())
 
 
 @pytest.mark.parametrize(

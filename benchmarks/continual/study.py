@@ -13,7 +13,8 @@ Each run is one process (``--jobs`` in parallel); finished runs are skipped, so 
 * ``episodes.csv``: ``timesteps, task, return`` of every finished training episode;
 * ``task_starts.csv``: at each task start (before any update on the new task), per parameter group, λmax, λmin and the
   ε-ranks of the loss Hessian (SLQ) and the trainability ε-rank relative to task 0;
-* ``features.csv``: per rollout, per hidden layer, effective rank, srank and dormant-unit fraction.
+* ``features.csv``: per rollout, per hidden layer, effective rank, srank and dormant-unit fraction;
+* ``rollouts.csv``: per rollout, the policy's mean entropy on the rollout's observations (before the update).
 
 Usage::
 
@@ -36,12 +37,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch as th
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.env_util import make_vec_env
+
+from sb3_blpo import BLPO
+from sb3_blpo.callbacks import FeatureRankCallback, HessianSpectrumCallback, PlasticityRegularizer, TrainabilityCallback
+from sb3_blpo.envs import TASK_ID_INFO_KEY, FlippedActions, PermutedObservations
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 
 # PPO in the regime where the paper finds plasticity loss: many small minibatches and epochs per rollout (strong
 # non-stationarity), ReLU units, a high learning rate. BLPO gets the same rollout, with fewer, larger minibatches
-# (its recommended shape, docs/blpo.md) and 3 nested critic steps.
+# (its recommended shape, docs/blpo.md), 3 nested critic steps and the correction bounded at half of ‖∇θf‖: with ReLU
+# units its correction is large and aligned with ∇θf, and the default bound (1.0) cancels most of the actor step
+# (seed 0, plain CartPole, 20k steps: evaluation return 41 with bound 1.0, 237 with 0.5, 213 nested-only).
 N_ENVS = 4
 N_STEPS = 256
 PPO_SETTINGS: dict[str, Any] = dict(
@@ -52,160 +64,170 @@ PPO_SETTINGS: dict[str, Any] = dict(
     gamma=0.98,
     gae_lambda=0.8,
     ent_coef=0.0,
-    policy_kwargs=dict(activation_fn="relu", net_arch=[64, 64]),
+    policy_kwargs=dict(activation_fn=th.nn.ReLU, net_arch=[64, 64]),
 )
-BLPO_SETTINGS: dict[str, Any] = dict(PPO_SETTINGS, batch_size=256, n_epochs=5, n_critic_steps=3)
+BLPO_SETTINGS: dict[str, Any] = dict(PPO_SETTINGS, batch_size=256, n_epochs=5, n_critic_steps=3, hypergrad_bound=0.5)
 
 # Regularizer strengths (PlasticityRegularizer). L2 acts through Adam (coupled, as the paper's add_decayed_weights);
 # the rank term is the paper's recipe: raw ascent steps on the mean effective rank before each epoch.
 DEFAULT_L2_COEF = 1e-3
 DEFAULT_ASCENT_LR = 1e-3
+DEFAULT_L2_INIT_COEF = 1e-2
+# terms: the PlasticityRegularizer terms; scale multiplies their coefficients.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "ppo": dict(algo="PPO", l2=False, er=False),
-    "ppo_l2": dict(algo="PPO", l2=True, er=False),
-    "ppo_er": dict(algo="PPO", l2=False, er=True),
-    "ppo_l2_er": dict(algo="PPO", l2=True, er=True),
-    "blpo_l2_er": dict(algo="BLPO", l2=True, er=True),
-    "reset": dict(algo="PPO", l2=False, er=False, reset_each_task=True),
+    "ppo": dict(algo="PPO"),
+    "ppo_l2": dict(algo="PPO", terms=("l2",)),
+    "ppo_er": dict(algo="PPO", terms=("er",)),
+    "ppo_l2_er": dict(algo="PPO", terms=("l2", "er")),
+    "ppo_l2_er_x10": dict(algo="PPO", terms=("l2", "er"), scale=10.0),
+    "ppo_l2_init": dict(algo="PPO", terms=("l2_init",)),
+    "blpo_l2_er": dict(algo="BLPO", terms=("l2", "er")),
+    "reset": dict(algo="PPO", reset_each_task=True),
 }
 LABELS = {
     "ppo": "PPO",
     "ppo_l2": "PPO+L2",
     "ppo_er": "PPO+ER",
     "ppo_l2_er": "PPO+L2+ER",
+    "ppo_l2_er_x10": "PPO+L2+ER, coefficients ×10",
+    "ppo_l2_init": "PPO+L2-Init",
     "blpo_l2_er": "BLPO+L2+ER",
     "reset": "PPO, reset at each task",
 }
 DONE_MARKER = "done.json"
+ENTROPY_SAMPLES = 512
 
 
-def regularizer_kwargs(spec: dict[str, Any], l2_coef: float, ascent_lr: float) -> dict[str, Any] | None:
+def regularizer_kwargs(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
+    """The variant's PlasticityRegularizer arguments (``None``: no regularizer)."""
+    scale, terms = spec.get("scale", 1.0), spec.get("terms", ())
     kwargs: dict[str, Any] = {}
-    if spec["l2"]:
-        kwargs["l2_coef"] = l2_coef
-    if spec["er"]:
-        kwargs.update(erank_mode="ascent", ascent_lr=ascent_lr)
+    if "l2" in terms:
+        kwargs["l2_coef"] = scale * args.l2_coef
+    if "l2_init" in terms:
+        kwargs["l2_init_coef"] = scale * args.l2_init_coef
+    if "er" in terms:
+        kwargs.update(erank_mode="ascent", ascent_lr=scale * args.ascent_lr)
     return kwargs or None
+
+
+class StudyRecorder(BaseCallback):
+    """Placed after the monitors: keeps every finished episode and copies the monitors' newest measurements into rows
+    (the monitors keep only their latest). ``offset`` is added to the model's step count (the reset variant restarts
+    it with each new model)."""
+
+    def __init__(
+        self, hessian: HessianSpectrumCallback, trainability: TrainabilityCallback, features: FeatureRankCallback
+    ) -> None:
+        super().__init__()
+        self.hessian, self.trainability, self.features = hessian, trainability, features
+        self.offset = 0
+        self.episodes: list[tuple[int, int, float]] = []
+        self.feature_rows: list[dict[str, Any]] = []
+        self.task_rows: list[dict[str, Any]] = []
+        self.rollout_rows: list[dict[str, Any]] = []
+        self.seen_features = 0
+        self.seen_trainability = 0
+        self.task = 0
+
+    def _on_step(self) -> bool:
+        # The task of the step just taken (the env's `task` attribute may already be the next one after a task's
+        # last step); with task lengths a multiple of n_steps it is also the task of the whole rollout.
+        self.task = int(self.locals["infos"][0][TASK_ID_INFO_KEY])
+        for info in self.locals["infos"]:
+            if "episode" in info:
+                self.episodes.append((self.offset + self.num_timesteps, info[TASK_ID_INFO_KEY], info["episode"]["r"]))
+        return True
+
+    def _on_rollout_end(self) -> None:
+        timesteps = self.offset + self.num_timesteps
+        self.rollout_rows.append(dict(timesteps=timesteps, task=self.task, policy_entropy=self._policy_entropy()))
+        if self.features.n_measurements != self.seen_features:
+            self.seen_features = self.features.n_measurements
+            for layer, metrics in self.features.latest.items():
+                self.feature_rows.append(dict(timesteps=timesteps, task=self.task, layer=layer, **metrics))
+        for record in self.trainability.history[self.seen_trainability :]:
+            summary = self.hessian.latest[record.group].summary
+            row = dict(
+                task=record.task_index,
+                group=record.group,
+                timesteps=timesteps,
+                lambda_max=summary.lambda_max,
+                lambda_min=summary.lambda_min,
+                trainability_epsilon=record.epsilon,
+                trainability_eps_rank=record.epsilon_rank,
+                trainability_ratio=record.ratio,
+                lambda_max_ratio=record.lambda_max_ratio,
+            )
+            for eps, value in zip(summary.epsilons, summary.epsilon_ranks, strict=True):
+                row[f"eps_rank_{eps:g}"] = float(value)
+            self.task_rows.append(row)
+        self.seen_trainability = len(self.trainability.history)
+
+    def _policy_entropy(self) -> float:
+        """Mean entropy of the current policy on (up to ``ENTROPY_SAMPLES``) observations of the rollout just collected."""
+        buffer = self.model.rollout_buffer
+        observations = buffer.observations.reshape(-1, *buffer.obs_shape)[
+            :: max(1, buffer.buffer_size * buffer.n_envs // ENTROPY_SAMPLES)
+        ]
+        with th.no_grad():
+            obs_tensor = self.model.policy.obs_to_tensor(observations)[0]
+            return float(self.model.policy.get_distribution(obs_tensor).entropy().mean())
+
+    def write(self, run_dir: Path) -> None:
+        tables = {
+            "episodes.csv": [dict(timesteps=t, task=k, **{"return": r}) for t, k, r in self.episodes],
+            "task_starts.csv": self.task_rows,
+            "features.csv": self.feature_rows,
+            "rollouts.csv": self.rollout_rows,
+        }
+        for name, rows in tables.items():
+            with open(run_dir / name, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> None:
     """Train one (variant, seed) over ``tasks`` tasks of ``task_steps`` steps per env copy; write its CSVs."""
-    import numpy as np
-    import torch as th
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-    from stable_baselines3.common.env_util import make_vec_env
-
-    from sb3_blpo import BLPO
-    from sb3_blpo.callbacks import FeatureRankCallback, HessianSpectrumCallback, PlasticityRegularizer, TrainabilityCallback
-    from sb3_blpo.envs import TASK_ID_INFO_KEY, FlippedActions, PermutedObservations
-
     th.set_num_threads(1)
-    tasks, task_steps, out_dir, env_id = args.tasks, args.task_steps, args.out, args.env
     spec = VARIANTS[variant]
-    regularizer = regularizer_kwargs(spec, args.l2_coef, args.ascent_lr)
+    regularizer = regularizer_kwargs(spec, args)
     settings = dict(BLPO_SETTINGS if spec["algo"] == "BLPO" else PPO_SETTINGS)
-    settings["policy_kwargs"] = dict(settings["policy_kwargs"], activation_fn=th.nn.ReLU)
 
     def wrap(env: Any) -> Any:
-        permuted = PermutedObservations(env, steps_per_task=task_steps, schedule_seed=seed, sign_flip=True)
-        return FlippedActions(permuted, steps_per_task=task_steps, schedule_seed=seed)
+        permuted = PermutedObservations(env, steps_per_task=args.task_steps, schedule_seed=seed, sign_flip=True)
+        return FlippedActions(permuted, steps_per_task=args.task_steps, schedule_seed=seed)
 
-    env = make_vec_env(env_id, n_envs=N_ENVS, seed=seed, wrapper_class=wrap)
+    env = make_vec_env(args.env, n_envs=N_ENVS, seed=seed, wrapper_class=wrap)
     algo = BLPO if spec["algo"] == "BLPO" else PPO
-
-    def new_model() -> Any:
-        return algo("MlpPolicy", env, seed=seed, **settings)
-
-    run_dir = out_dir / variant / f"seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    episodes = open(run_dir / "episodes.csv", "w", newline="")
-    episode_writer = csv.writer(episodes)
-    episode_writer.writerow(["timesteps", "task", "return"])
-
-    class EpisodeRecorder(BaseCallback):
-        def __init__(self, offset: int) -> None:
-            super().__init__()
-            self.offset = offset
-
-        def _on_step(self) -> bool:
-            for info in self.locals["infos"]:
-                if "episode" in info:
-                    episode_writer.writerow([self.offset + self.num_timesteps, info[TASK_ID_INFO_KEY], info["episode"]["r"]])
-            return True
-
-    hessian = HessianSpectrumCallback(
-        every_n_rollouts=None, parameter_groups=("actor", "critic"), epsilons=(1e-3, 1e-2, 1e-1), seed=seed
-    )
+    hessian = HessianSpectrumCallback(every_n_rollouts=None, epsilons=(1e-3, 1e-2, 1e-1), seed=seed)
     trainability = TrainabilityCallback(spectrum_source=hessian, seed=seed)
     features = FeatureRankCallback(every_n_rollouts=1, seed=seed)
-    feature_rows: list[dict[str, Any]] = []
-    task_rows: list[dict[str, Any]] = []
+    recorder = StudyRecorder(hessian, trainability, features)
+    callbacks: list[BaseCallback] = [hessian, trainability, features, recorder]
+    if regularizer is not None:
+        callbacks.append(PlasticityRegularizer(**regularizer))
 
-    class MeasurementRecorder(BaseCallback):
-        """Placed after the monitors: copies their newest measurements into rows (they keep only the latest)."""
-
-        def __init__(self, offset: int) -> None:
-            super().__init__()
-            self.offset = offset
-            self.seen_features = features.n_measurements
-            self.seen_trainability = len(trainability.history)
-
-        def _on_step(self) -> bool:
-            return True
-
-        def _on_rollout_end(self) -> None:
-            timesteps = self.offset + self.num_timesteps
-            if features.n_measurements != self.seen_features:
-                self.seen_features = features.n_measurements
-                task = int(self.training_env.get_attr("task")[0])
-                for layer, metrics in features.latest.items():
-                    feature_rows.append(dict(timesteps=timesteps, task=task, layer=layer, **metrics))
-            for record in trainability.history[self.seen_trainability :]:
-                summary = hessian.latest[record.group].summary
-                row = dict(
-                    task=record.task_index,
-                    group=record.group,
-                    timesteps=timesteps,
-                    lambda_max=summary.lambda_max,
-                    lambda_min=summary.lambda_min,
-                    trainability_epsilon=record.epsilon,
-                    trainability_eps_rank=record.epsilon_rank,
-                    trainability_ratio=record.ratio,
-                    lambda_max_ratio=record.lambda_max_ratio,
-                )
-                for eps, value in zip(summary.epsilons, summary.epsilon_ranks, strict=True):
-                    row[f"eps_rank_{eps:g}"] = float(value)
-                task_rows.append(row)
-            self.seen_trainability = len(trainability.history)
-
-    offset = 0
     started = time.perf_counter()
-    model = new_model()
-    phases = tasks if spec.get("reset_each_task") else 1
-    steps_per_phase = tasks * task_steps * N_ENVS // phases
+    phases = args.tasks if spec.get("reset_each_task") else 1
+    steps_per_phase = args.tasks * args.task_steps * N_ENVS // phases
     for phase in range(phases):
-        if phase > 0:
-            model = new_model()  # a fresh network (and optimizer) for the new task: the reset-all yardstick
-        callbacks: list[BaseCallback] = [EpisodeRecorder(offset), hessian, trainability, features, MeasurementRecorder(offset)]
-        if regularizer is not None:
-            callbacks.append(PlasticityRegularizer(**regularizer))
+        # The reset variant: a fresh network and optimizer for each task (the monitors carry over).
+        model = algo("MlpPolicy", env, seed=seed, **settings)
+        recorder.offset = phase * steps_per_phase
         model.learn(steps_per_phase, callback=CallbackList(callbacks))
-        offset += steps_per_phase
-    episodes.close()
-    for name, rows in (("task_starts.csv", task_rows), ("features.csv", feature_rows)):
-        with open(run_dir / name, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    run_dir = args.out / variant / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorder.write(run_dir)
     meta = dict(
         variant=variant,
         seed=seed,
-        env=env_id,
-        tasks=tasks,
-        task_steps_per_env=task_steps,
+        env=args.env,
+        tasks=args.tasks,
+        task_steps_per_env=args.task_steps,
         n_envs=N_ENVS,
-        total_timesteps=offset,
+        total_timesteps=phases * steps_per_phase,
         seconds=time.perf_counter() - started,
         settings={k: str(v) for k, v in settings.items()},
         regularizer=regularizer,
@@ -222,6 +244,7 @@ def main() -> None:
     parser.add_argument("--env", default="CartPole-v1")
     parser.add_argument("--l2-coef", type=float, default=DEFAULT_L2_COEF, help="PlasticityRegularizer l2_coef")
     parser.add_argument("--ascent-lr", type=float, default=DEFAULT_ASCENT_LR, help="PlasticityRegularizer ascent_lr")
+    parser.add_argument("--l2-init-coef", type=float, default=DEFAULT_L2_INIT_COEF, help="... l2_init_coef")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     parser.add_argument("--run", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
@@ -241,7 +264,14 @@ def main() -> None:
         variant, seed = job
         command = [sys.executable, __file__, "--run", variant, str(seed), "--tasks", str(args.tasks)]
         command += ["--task-steps", str(args.task_steps), "--env", args.env, "--out", str(args.out)]
-        command += ["--l2-coef", str(args.l2_coef), "--ascent-lr", str(args.ascent_lr)]
+        command += [
+            "--l2-coef",
+            str(args.l2_coef),
+            "--ascent-lr",
+            str(args.ascent_lr),
+            "--l2-init-coef",
+            str(args.l2_init_coef),
+        ]
         started = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         status = "ok" if result.returncode == 0 else f"FAILED\n{result.stderr[-3000:]}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -68,6 +69,35 @@ VARIANTS = {
 }
 LABELS = {"blpo": "BLPO (Nyström)", "blpo_nested": "BLPO nested-only", "blpo_cg": "BLPO (CG)", "ppo": "PPO (zoo)"}
 CSV_FIELDS = ("timesteps", "mean_return", "std_return", "episodes", "seconds")
+RANDOM_SCORES_FILE = "random_scores.json"
+RANDOM_EPISODES = 20
+
+
+def random_scores(out: Path, envs: list[str]) -> dict[str, float]:
+    """Mean return of uniformly random actions per env (the 0 of the report's normalised score); cached."""
+    import gymnasium as gym
+
+    path = out / RANDOM_SCORES_FILE
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    for env_id in envs:
+        if env_id in scores:
+            continue
+        env = gym.make(env_id)
+        env.action_space.seed(0)
+        returns = []
+        for episode in range(RANDOM_EPISODES):
+            env.reset(seed=episode)
+            total, done = 0.0, False
+            while not done:
+                _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+        scores[env_id] = float(np.mean(returns))
+        env.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(scores, indent=2))
+    return scores
 
 
 def ppo_config(out: Path) -> Path:
@@ -158,6 +188,7 @@ def main() -> None:
         if not csv_path(args.out, env_id, variant, seed).exists()
     ]
     print(f"{len(jobs)} runs to do ({args.profile} profile)", flush=True)
+    print("random-action scores:", random_scores(args.out, args.envs), flush=True)
 
     def launch(job: tuple[str, str, int, int]) -> None:
         env_id, variant, seed, steps = job

@@ -1,0 +1,219 @@
+"""Accuracy of the IHVP solvers on real critic Hessians: Nyström (rank, ρ) and CG (iterations) vs the dense solve.
+
+A BLPO agent is trained for ``--steps`` on each env (recommended config, default 64-64 networks so that the critic's
+Hessian fits in memory as a dense matrix). On one minibatch of its last rollout, after the nested critic steps, the
+script builds exactly what BLPO's actor step uses — the actor loss ``f``, the coupled critic objective ``g`` — and
+computes, with the dense ``H = ∇²ww g`` (float64),
+
+* the exact implicit correction ``u* = ∇²θw g · H⁻¹ ∇w f`` (the true total derivative's correction; pseudo-inverse if
+  ``H`` is singular) and the exact damped one ``u*_ρ`` with ``(H + ρI)⁻¹``;
+* for Nyström at each rank ``k`` and ridge ``ρ`` (``--draws`` random column sets) and for CG at each iteration budget:
+  the relative error ``‖u − u_ref‖ / ‖u_ref‖`` and the cosine to the reference, against ``u*`` and against ``u*_ρ``
+  (the low-rank approximation error alone), and the cosine of the resulting hypergradient ``∇θf − u`` to the exact
+  ``∇θf − u*``. Cost is counted in Hessian-vector products (Nyström: ``k``; CG: its iterations).
+
+Writes ``docs/data/hypergrad_accuracy.csv`` and ``docs/img/hypergrad_accuracy.png``; prints the markdown table that
+``docs/benchmarks.md`` quotes.
+
+Usage::
+
+    python benchmarks/hypergrad_accuracy.py [--envs CartPole-v1 Hopper-v5] [--steps 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import torch as th
+import yaml
+
+from sb3_blpo import BLPO
+from sb3_blpo.hypergrad import ConjugateGradientSolver, HessianVectorProduct, NystromSolver, flatten
+
+REPO = Path(__file__).resolve().parents[1]
+RANKS = (1, 2, 5, 10, 20, 40, 64)
+RHOS = (0.01, 0.1, 1.0, 10.0)
+CG_ITERATIONS = (1, 2, 5, 10, 20, 40, 64)
+# CG's damping: none, BLPO's default, and one above |λmin| of these Hessians (CG then never meets negative curvature).
+CG_DAMPINGS = (0.0, 0.1, 10.0)
+DEFAULT_RHO = 1.0
+DEFAULT_RANK = 5
+
+
+def blpo_config(env_id: str) -> dict:
+    """The env's entry of zoo_hyperparams/blpo.yml as BLPO keyword arguments, with SB3's default 64-64 networks."""
+    entry = dict(yaml.safe_load((REPO / "zoo_hyperparams" / "blpo.yml").read_text())[env_id])
+    for key in ("n_timesteps", "policy", "normalize", "policy_kwargs", "n_envs"):
+        entry.pop(key, None)
+    for key, value in list(entry.items()):
+        if isinstance(value, str) and value.startswith("lin_"):
+            entry[key] = float(value[4:])  # constant: only the state after training matters here
+    return entry
+
+
+def build_problem(env_id: str, steps: int, seed: int):
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    config = blpo_config(env_id)
+    entry = yaml.safe_load((REPO / "zoo_hyperparams" / "blpo.yml").read_text())[env_id]
+    env = make_vec_env(env_id, n_envs=int(entry.get("n_envs", 1)), seed=seed)
+    if entry.get("normalize"):
+        env = VecNormalize(env)
+    model = BLPO("MlpPolicy", env, seed=seed, **config)
+    model.learn(steps)
+    rollout = model._rollout_tensors()
+    batch = next(iter(rollout.minibatches(model.batch_size)))
+    model._nested_critic_steps(batch)
+    clip_range = model.clip_range(model._current_progress_remaining)
+    f, _ = model._actor_objective(rollout, batch, clip_range, defaultdict(list))
+    g = model._coupled_critic_objective(rollout, batch)
+    return model, f, g
+
+
+def evaluate(env_id: str, steps: int, seed: int, draws: int) -> list[dict]:
+    model, f, g = build_problem(env_id, steps, seed)
+    actor, critic = model._actor_params, model._critic_params
+    grads = th.autograd.grad(f, actor + critic, retain_graph=True, allow_unused=True)
+    direct = flatten(grads[: len(actor)], like=actor).detach().double()
+    v = flatten(grads[len(actor) :], like=critic).detach()
+    hvp = HessianVectorProduct(g, critic)
+    hessian = hvp.dense().double()
+    hessian = (hessian + hessian.T) / 2
+    eigenvalues = th.linalg.eigvalsh(hessian)
+
+    def correction(x: th.Tensor) -> th.Tensor:
+        return hvp.mixed_product(actor, x.to(v.dtype)).detach().double()
+
+    def exact(rho: float) -> th.Tensor:
+        matrix = hessian + rho * th.eye(len(v), dtype=th.float64)
+        return correction(th.linalg.lstsq(matrix, v.double().unsqueeze(-1)).solution.squeeze(-1))
+
+    u_exact = exact(0.0)
+    total_exact = direct - u_exact
+    print(
+        f"{env_id}: critic parameters {len(v)}, eigenvalues of H in [{eigenvalues[0]:.3g}, {eigenvalues[-1]:.3g}], "
+        f"{int((eigenvalues.abs() < 1e-6 * eigenvalues.abs().max()).sum())} near zero; ‖∇θf‖ {direct.norm():.3g}, "
+        f"‖u*‖ {u_exact.norm():.3g}",
+        flush=True,
+    )
+
+    def row(solver: str, setting: dict, products: int, u: th.Tensor, u_damped: th.Tensor | None) -> dict:
+        def rel(a: th.Tensor, b: th.Tensor) -> float:
+            return float((a - b).norm() / b.norm()) if b.norm() > 0 else math.nan
+
+        def cos(a: th.Tensor, b: th.Tensor) -> float:
+            return float(th.nn.functional.cosine_similarity(a, b, dim=0))
+
+        result = dict(env=env_id, solver=solver, **setting, hvps=products)
+        result.update(
+            rel_error=rel(u, u_exact),
+            cosine=cos(u, u_exact),
+            norm_ratio=float(u.norm() / u_exact.norm()),
+            hypergrad_cosine=cos(direct - u, total_exact),
+        )
+        if u_damped is not None:
+            result.update(rel_error_damped=rel(u, u_damped), cosine_damped=cos(u, u_damped))
+        return result
+
+    rows = []
+    for rho in RHOS:
+        u_damped = exact(rho)
+        for rank in RANKS:
+            for draw in range(draws):
+                solved = NystromSolver(rank=rank, rho=rho, seed=draw).solve(hvp, v)
+                rows.append(
+                    row("nystrom", dict(rank=rank, rho=rho, draw=draw), solved.n_products, correction(solved.x), u_damped)
+                )
+    for damping in CG_DAMPINGS:
+        u_damped = exact(damping)
+        for iterations in CG_ITERATIONS:
+            solved = ConjugateGradientSolver(max_iter=iterations, damping=damping, tol=1e-10).solve(hvp, v)
+            rows.append(
+                row("cg", dict(iterations=iterations, rho=damping), solved.n_products, correction(solved.x), u_damped)
+                | {"converged": float(solved.converged)}
+            )
+    return rows
+
+
+def plot(table: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = list(dict.fromkeys(table["env"]))
+    fig, axes = plt.subplots(2, len(envs), figsize=(5.5 * len(envs), 7), squeeze=False)
+    for column, env in enumerate(envs):
+        rows = table[table["env"] == env]
+        for metric, ax in (("rel_error", axes[0, column]), ("hypergrad_cosine", axes[1, column])):
+            for rho in RHOS:
+                nystrom = rows[(rows["solver"] == "nystrom") & (rows["rho"] == rho)].groupby("hvps")[metric].median()
+                ax.plot(nystrom.index, nystrom.values, marker="o", ms=3, label=f"Nyström ρ={rho:g}")
+            for damping in CG_DAMPINGS:
+                cg = rows[(rows["solver"] == "cg") & (rows["rho"] == damping)].groupby("hvps")[metric].median()
+                ax.plot(cg.index, cg.values, marker="s", ms=3, ls="--", label=f"CG damping {damping:g}")
+            ax.set(xscale="log", xlabel="Hessian-vector products", title=env)
+        axes[0, column].set(yscale="log", ylabel="‖u − u*‖ / ‖u*‖ (median over draws)")
+        axes[1, column].set(ylabel="cos(∇θf − u, exact hypergradient)")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = [
+        "| env | solver | setting | HVPs | ‖u‖ / ‖u*‖ | rel. error vs u* | rel. error vs damped u*_ρ | cos(u, u*) | "
+        "cos(hypergradient, exact) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for env in dict.fromkeys(table["env"]):
+        rows = table[table["env"] == env]
+        picks = [("nystrom", rank, rho) for rho in (0.1, 1.0) for rank in (1, 5, 20, 64)]
+        picks += [("cg", iterations, rho) for rho in CG_DAMPINGS for iterations in (5, 20, 64)]
+        for solver, size, rho in picks:
+            key = "rank" if solver == "nystrom" else "iterations"
+            sel = rows[(rows["solver"] == solver) & (rows[key] == size) & (rows["rho"] == rho)]
+            if sel.empty:
+                continue
+            med = sel.median(numeric_only=True)
+            setting = f"rank {size}, ρ {rho:g}" if solver == "nystrom" else f"{size} iterations, damping {rho:g}"
+            lines.append(
+                f"| {env} | {solver} | {setting} | {med['hvps']:.0f} | {med['norm_ratio']:.3g} | {med['rel_error']:.3g} | "
+                f"{med['rel_error_damped']:.3g} | {med['cosine']:.3f} | {med['hypergrad_cosine']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Hopper-v5"])
+    parser.add_argument("--steps", type=int, default=20_000, help="BLPO training steps before the measurement")
+    parser.add_argument("--draws", type=int, default=5, help="Nyström column draws per (rank, ρ)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--docs", type=Path, default=REPO / "docs")
+    args = parser.parse_args()
+    th.set_num_threads(1)
+    rows = [r for env_id in args.envs for r in evaluate(env_id, args.steps, args.seed, args.draws)]
+    table = pd.DataFrame(rows)
+    (args.docs / "data").mkdir(parents=True, exist_ok=True)
+    (args.docs / "img").mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.docs / "data" / "hypergrad_accuracy.csv", index=False)
+    plot(table, args.docs / "img" / "hypergrad_accuracy.png")
+    print(markdown(table))
+    default = table[(table["solver"] == "nystrom") & (table["rank"] == DEFAULT_RANK) & (table["rho"] == DEFAULT_RHO)]
+    print(
+        "\nNyström at the default (rank 5, ρ 1):",
+        default.groupby("env")[["norm_ratio", "cosine", "rel_error", "rel_error_damped", "hypergrad_cosine"]]
+        .median()
+        .round(4)
+        .to_dict("index"),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The benchmark scripts run end to end at tiny budgets: the files they promise appear, and finished runs are skipped."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def run_script(*args: str, cwd: Path = REPO) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_returns_suite_writes_one_row_per_evaluation_and_resumes(tmp_path: Path) -> None:
+    suite = str(BENCHMARKS / "returns" / "suite.py")
+    args = ["--envs", "CartPole-v1", "--variants", "blpo", "ppo", "--seeds", "0", "--steps", "1024", "--evals", "2"]
+    args += ["--eval-episodes", "1", "--jobs", "2", "--out", str(tmp_path)]
+    output = run_script(suite, *args)
+    assert "2 runs to do" in output
+    for variant in ("blpo", "ppo"):
+        rows = read_csv(tmp_path / "csv" / "CartPole-v1" / variant / "seed0.csv")
+        assert [int(row["timesteps"]) for row in rows] == [512, 1024]
+        assert all(9.0 <= float(row["mean_return"]) <= 500.0 for row in rows)
+    assert json.loads((tmp_path / "random_scores.json").read_text())["CartPole-v1"] < 50.0
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+    assert "0 runs to do" in run_script(suite, *args)
+
+
+def test_returns_report_aggregates_with_rliable(tmp_path: Path) -> None:
+    pytest.importorskip("rliable.library")
+    results = tmp_path / "results"
+    for variant in ("blpo", "ppo"):
+        for seed in range(3):
+            path = results / "csv" / "CartPole-v1" / variant / f"seed{seed}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            final = 400.0 + 30 * seed + (50 if variant == "blpo" else 0)
+            path.write_text(f"timesteps,mean_return,std_return,episodes,seconds\n500,100,0,5,1\n1000,{final},0,5,1\n")
+    (results / "random_scores.json").write_text(json.dumps({"CartPole-v1": 20.0}))
+    docs = tmp_path / "docs"
+    output = run_script(str(BENCHMARKS / "returns" / "report.py"), "--results", str(results), "--docs", str(docs))
+    # IQM of three seeds is their middle value: 430 for PPO, 480 for BLPO.
+    assert "| CartPole-v1 | 480.0 [" in output and "| 430.0 [" in output
+    assert (docs / "img" / "returns_curves.png").stat().st_size > 0
+    assert (docs / "img" / "returns_profiles.png").stat().st_size > 0
+    assert len(read_csv(docs / "data" / "returns_evals.csv")) == 12
+
+
+def test_continual_study_and_report(tmp_path: Path) -> None:
+    study = str(BENCHMARKS / "continual" / "study.py")
+    results = tmp_path / "results"
+    args = ["--variants", "ppo_l2_er", "reset", "--seeds", "0", "--tasks", "2", "--task-steps", "256"]
+    run_script(study, *args, "--jobs", "2", "--out", str(results))
+    for variant in ("ppo_l2_er", "reset"):
+        run_dir = results / variant / "seed0"
+        meta = json.loads((run_dir / "done.json").read_text())
+        assert meta["total_timesteps"] == 2 * 256 * meta["n_envs"]
+        starts = read_csv(run_dir / "task_starts.csv")
+        assert sorted({(row["task"], row["group"]) for row in starts}) == [
+            ("0", "actor"),
+            ("0", "critic"),
+            ("1", "actor"),
+            ("1", "critic"),
+        ]
+        assert [row["task"] for row in read_csv(run_dir / "rollouts.csv")] == ["0", "1"]
+        assert {row["task"] for row in read_csv(run_dir / "episodes.csv")} == {"0", "1"}
+    assert json.loads((results / "ppo_l2_er" / "seed0" / "done.json").read_text())["regularizer"]["erank_mode"] == "ascent"
+    assert "0 runs to do" in run_script(study, *args, "--out", str(results))
+    docs = tmp_path / "docs"
+    output = run_script("report.py", "--results", str(results), "--docs", str(docs), cwd=BENCHMARKS / "continual")
+    assert "| PPO+L2+ER | 1 |" in output and "| PPO, reset at each task | 1 |" in output
+    for name in ("continual_returns", "continual_curvature", "continual_features"):
+        assert (docs / "img" / f"{name}.png").stat().st_size > 0
+
+
+def test_walltime_reports_ratios_and_update_shares(tmp_path: Path) -> None:
+    out = tmp_path / "walltime.json"
+    args = ["--envs", "CartPole-v1", "--variants", "blpo", "--comparisons", "identical", "--steps", "512"]
+    run_script(str(BENCHMARKS / "cost" / "walltime.py"), *args, "--rounds", "1", "--out", str(out))
+    result = json.loads(out.read_text())["results"]["CartPole-v1"]["identical"]
+    assert result["overrides"]["blpo"]["n_epochs"] == 20  # PPO's zoo entry, applied to BLPO
+    blpo = result["variants"]["blpo"]
+    assert blpo["median_ratio"] > 0 and result["variants"]["ppo"]["median_ratio"] == 1.0
+    shares = blpo["share_of_update"]
+    assert 0 < shares["seconds_ihvp"] < shares["seconds_hypergradient"] < 1
+    assert 0 < shares["seconds_nested_critic"] + shares["seconds_hypergradient"] < 1
