@@ -66,7 +66,10 @@ PPO_SETTINGS: dict[str, Any] = dict(
     ent_coef=0.0,
     policy_kwargs=dict(activation_fn=th.nn.ReLU, net_arch=[64, 64]),
 )
-BLPO_SETTINGS: dict[str, Any] = dict(PPO_SETTINGS, batch_size=256, n_epochs=5, n_critic_steps=3, hypergrad_bound=0.5)
+# coupling="target": the BLPO default when the study ran (docs/plasticity.md); "distribution" is the default now.
+BLPO_SETTINGS: dict[str, Any] = dict(
+    PPO_SETTINGS, batch_size=256, n_epochs=5, n_critic_steps=3, hypergrad_bound=0.5, coupling="target"
+)
 
 # Regularizer strengths (PlasticityRegularizer). L2 acts through Adam (coupled, as the paper's add_decayed_weights);
 # the rank term is the paper's recipe: raw ascent steps on the mean effective rank before each epoch.

@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks" / "returns"))
-from suite import VARIANTS, ppo_config  # noqa: E402
+from suite import MAIN_VARIANTS, VARIANTS, ppo_config  # noqa: E402
 
 IDENTICAL_KEYS = ("n_envs", "n_steps", "batch_size", "n_epochs", "policy_kwargs")
 SHARE_KEYS = ("seconds_nested_critic", "seconds_ihvp", "seconds_mixed_term", "seconds_hypergradient")
@@ -102,7 +102,7 @@ def timed_run(variant: str, env_id: str, steps: int, seed: int, comparison: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Hopper-v5"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(MAIN_VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--comparisons", nargs="+", default=["recommended", "identical"])
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)

@@ -6,7 +6,9 @@ parallelise (``--jobs``) and use exactly the configs users get:
 * ``blpo``: ``zoo_hyperparams/blpo.yml`` (Nyström IHVP, rank 5, ρ = 1);
 * ``blpo_nested``: the same entry with ``ihvp_solver=None`` (nested critic steps, plain actor gradient: the ablation);
 * ``blpo_cg``: the same entry with ``ihvp_solver="cg"``;
-* ``ppo``: rl-zoo3's own ``ppo.yml`` entry (its ``-v4`` entry for the MuJoCo ``-v5`` envs, which zoo lacks).
+* ``ppo``: rl-zoo3's own ``ppo.yml`` entry (its ``-v4`` entry for the MuJoCo ``-v5`` envs, which zoo lacks);
+* ``blpo_target`` / ``blpo_cg_target``: ``blpo`` / ``blpo_cg`` with ``coupling="target"`` (the default until this
+  suite showed it fails; the recorded run in docs/benchmarks.md).
 
 The policy is evaluated ``--evals`` times per run (deterministic actions, ``--eval-episodes`` episodes, rl-zoo3's
 EvalCallback with normalisation statistics synced). Each finished run becomes ``<out>/csv/<env>/<variant>/seed<k>.csv``
@@ -61,13 +63,24 @@ PROFILES = {
         "HalfCheetah-v5": 1_000_000,
     },
 }
+# The *_target variants pin coupling="target", BLPO's default when docs/benchmarks.md's suite ran.
 VARIANTS = {
     "blpo": ("blpo", []),
     "blpo_nested": ("blpo", ["ihvp_solver:None"]),
     "blpo_cg": ("blpo", ["ihvp_solver:'cg'"]),
     "ppo": ("ppo", []),
+    "blpo_target": ("blpo", ["coupling:'target'"]),
+    "blpo_cg_target": ("blpo", ["ihvp_solver:'cg'", "coupling:'target'"]),
 }
-LABELS = {"blpo": "BLPO (Nyström)", "blpo_nested": "BLPO nested-only", "blpo_cg": "BLPO (CG)", "ppo": "PPO (zoo)"}
+MAIN_VARIANTS = ("blpo", "blpo_nested", "blpo_cg", "ppo")
+LABELS = {
+    "blpo": "BLPO (Nyström)",
+    "blpo_nested": "BLPO nested-only",
+    "blpo_cg": "BLPO (CG)",
+    "ppo": "PPO (zoo)",
+    "blpo_target": "BLPO (Nyström), target coupling",
+    "blpo_cg_target": "BLPO (CG), target coupling",
+}
 CSV_FIELDS = ("timesteps", "mean_return", "std_return", "episodes", "seconds")
 RANDOM_SCORES_FILE = "random_scores.json"
 RANDOM_EPISODES = 20

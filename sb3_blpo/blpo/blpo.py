@@ -164,8 +164,10 @@ class BLPO(OnPolicyAlgorithm):
         the nested-only ablation (plain ∇θf after the nested critic steps)
     :param ihvp_kwargs: Solver settings, e.g. ``dict(rank=5, rho=1.0)`` for Nyström (see :mod:`sb3_blpo.hypergrad`)
     :param hypergrad_bound: The correction is rescaled so that ``‖u‖ ≤ hypergrad_bound · ‖∇θf‖`` (``math.inf``: none)
-    :param coupling: Which actor dependence of the critic objective gives the mixed term: ``"target"`` (how the critic's
-        targets move with the policy), ``"distribution"`` (how the visited states move with it) or ``"both"``
+    :param coupling: Which actor dependence of the critic objective gives the mixed term: ``"distribution"`` (how the
+        visited states move with the policy; default), ``"target"`` (how the critic's targets move with it) or ``"both"``.
+        With ``"target"`` the correction nearly cancels ∇θf and the agent fails to learn on most benchmarks
+        (docs/benchmarks.md)
     :param coupling_clip: Ratios in the coupled critic objective are clamped to ``[1 − c, 1 + c]``
     :param stats_window_size: Window size for the rollout logging (number of episodes to average)
     :param tensorboard_log: The log location for tensorboard (if None, no logging)
@@ -207,7 +209,7 @@ class BLPO(OnPolicyAlgorithm):
         ihvp_solver: str | IHVPSolver | None = "nystrom",
         ihvp_kwargs: dict[str, Any] | None = None,
         hypergrad_bound: float = 1.0,
-        coupling: CouplingMode = "target",
+        coupling: CouplingMode = "distribution",
         coupling_clip: float = 0.2,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
