@@ -57,9 +57,9 @@ def final_scores(evals: pd.DataFrame) -> pd.DataFrame:
 
 
 def score_matrix(scores: pd.DataFrame, variant: str, envs: list[str], column: str) -> np.ndarray:
-    """``(runs, envs)`` for one variant; runs are seeds (every env must have the same seeds)."""
+    """``(runs, envs)`` for one variant; runs are the seeds finished on every one of ``envs``."""
     table = scores[scores["variant"] == variant].pivot(index="seed", columns="env", values=column)
-    return table[envs].to_numpy()
+    return table.reindex(columns=envs).dropna().to_numpy()
 
 
 def interval_estimates(score_dict: dict[str, np.ndarray], statistic) -> tuple[dict, dict]:
@@ -85,6 +85,8 @@ def aggregate_table(scores: pd.DataFrame, variants: list[str], envs: list[str]) 
     from rliable import metrics
 
     normalised = {v: score_matrix(scores, v, envs, "normalised") for v in variants}
+    # A bootstrap over fewer than two complete runs says nothing: such variants only appear in the per-env table.
+    normalised = {v: matrix for v, matrix in normalised.items() if len(matrix) >= 2}
     names = ("IQM", "median", "mean", "optimality gap")
 
     def statistic(x: np.ndarray) -> np.ndarray:
@@ -99,7 +101,7 @@ def aggregate_table(scores: pd.DataFrame, variants: list[str], envs: list[str]) 
 
     point, ci = interval_estimates(normalised, statistic)
     lines = ["| variant | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for v in variants:
+    for v in normalised:
         cells = [f"{point[v][k]:.2f} [{ci[v][0, k]:.2f}, {ci[v][1, k]:.2f}]" for k in range(len(names))]
         lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + " |")
     return "\n".join(lines), normalised
@@ -180,12 +182,11 @@ def main() -> None:
     print(table)
     budgets = scores.groupby("env")["timesteps"].max()
     print("\nsteps per run:", {env: int(budgets[env]) for env in envs})
-    print(
-        "seeds per (env, variant):",
-        scores.groupby(["env", "variant"]).size().min(),
-        "to",
-        scores.groupby(["env", "variant"]).size().max(),
-    )
+    runs = scores.groupby(["variant", "env"]).size().unstack().reindex(index=variants, columns=envs)
+    print("\nseeds per (variant, env); the aggregate uses the seeds finished on every env:\n")
+    print("| variant | " + " | ".join(envs) + " |\n" + "|---" * (len(envs) + 1) + "|")
+    for variant, counts in runs.fillna(0).astype(int).iterrows():
+        print(f"| {LABELS[variant]} | " + " | ".join(str(n) for n in counts) + " |")
     print("random-action scores:", {env: round(random_scores[env], 1) for env in envs})
     plot_curves(evals, variants, envs, args.docs / "img" / "returns_curves.png")
     plot_profiles(normalised, args.docs / "img" / "returns_profiles.png")
