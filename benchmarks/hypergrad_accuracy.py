@@ -47,27 +47,24 @@ DEFAULT_RHO = 1.0
 DEFAULT_RANK = 5
 
 
-def blpo_config(env_id: str) -> dict:
-    """The env's entry of zoo_hyperparams/blpo.yml as BLPO keyword arguments, with SB3's default 64-64 networks."""
-    entry = dict(yaml.safe_load((REPO / "zoo_hyperparams" / "blpo.yml").read_text())[env_id])
-    for key in ("n_timesteps", "policy", "normalize", "policy_kwargs", "n_envs"):
-        entry.pop(key, None)
-    for key, value in list(entry.items()):
+def blpo_config(entry: dict) -> dict:
+    """A zoo_hyperparams/blpo.yml entry as BLPO keyword arguments, with SB3's default 64-64 networks."""
+    config = {k: v for k, v in entry.items() if k not in ("n_timesteps", "policy", "normalize", "policy_kwargs", "n_envs")}
+    for key, value in list(config.items()):
         if isinstance(value, str) and value.startswith("lin_"):
-            entry[key] = float(value[4:])  # constant: only the state after training matters here
-    return entry
+            config[key] = float(value[4:])  # constant: only the state after training matters here
+    return config
 
 
 def build_problem(env_id: str, steps: int, seed: int, coupling: str):
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
-    config = blpo_config(env_id)
     entry = yaml.safe_load((REPO / "zoo_hyperparams" / "blpo.yml").read_text())[env_id]
     env = make_vec_env(env_id, n_envs=int(entry.get("n_envs", 1)), seed=seed)
     if entry.get("normalize"):
         env = VecNormalize(env)
-    model = BLPO("MlpPolicy", env, seed=seed, coupling=coupling, **config)
+    model = BLPO("MlpPolicy", env, seed=seed, coupling=coupling, **blpo_config(entry))
     model.learn(steps)
     rollout = model._rollout_tensors()
     batch = next(iter(rollout.minibatches(model.batch_size)))
