@@ -35,7 +35,7 @@ def collect_rollout(env_id: str, env_kwargs: dict, n_envs: int = 3, n_steps: int
 
 
 def advantages(model: BLPO, rollout, index: th.Tensor, track_critic: bool = False) -> th.Tensor:  # type: ignore[no-untyped-def]
-    values, _ = model._differentiable_advantages(rollout, rollout.minibatch(index), track_critic=track_critic)
+    values, _, _ = model._differentiable_advantages(rollout, rollout.minibatch(index), track_critic=track_critic)
     return values
 
 

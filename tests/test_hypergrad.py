@@ -12,6 +12,7 @@ from sb3_blpo.hypergrad import (
     SOLVERS,
     ConjugateGradientSolver,
     DenseSolver,
+    GaussNewtonProduct,
     HessianVectorProduct,
     Hypergradient,
     IHVPResult,
@@ -208,7 +209,7 @@ def test_solvers_leave_global_rng_untouched():
 
 def test_nystrom_jitter_equals_shifted_core_nystrom():
     dim, rank, rho, jitter = 15, 5, 0.3, 1.0
-    hessian = _sym_from_eigs(th.linspace(-0.5, 2.0, dim), seed=8)  # indefinite on purpose
+    hessian = _sym_from_eigs(th.linspace(0.05, 2.0, dim), seed=8)  # PSD: the clamping of the core plays no part
     v = _randn(dim, seed=9)
     hvp = _RecordingHVP(hessian)
     result = NystromSolver(rank=rank, rho=rho, jitter=jitter, seed=2).solve(hvp, v)
@@ -228,14 +229,36 @@ def test_nystrom_jitter_equals_shifted_core_nystrom():
 
 
 @pytest.mark.parametrize("hessian", [th.zeros(6, 6, dtype=DTYPE), th.diag(th.tensor([1.0, 0.0, 2.0, 0.0], dtype=DTYPE))])
-def test_nystrom_singular_core_falls_back(hessian: th.Tensor):
+def test_nystrom_singular_core_uses_the_pseudo_inverse(hessian: th.Tensor):
+    """A singular core is no fault: its pseudo-inverse gives the Nyström matrix exactly (rank = P: H itself)."""
     dim = hessian.shape[0]
     v = _randn(dim, seed=10)
     result = NystromSolver(rank=dim, rho=2.0, seed=0).solve(_matrix_hvp(hessian), v)
-    assert not result.converged
-    assert result.info["singular_core"] == 1.0
-    assert th.isfinite(result.x).all()
-    assert th.allclose(result.x, v / 2.0)
+    assert result.converged and result.info["singular_core"] == 0.0 and result.info["clamped_core"] == 0.0
+    expected = th.linalg.solve(hessian + 2.0 * th.eye(dim, dtype=DTYPE), v)
+    assert _rel_err(result.x, expected) < 1e-10
+
+
+def test_nystrom_psd_core_on_indefinite_hessian_is_the_psd_part():
+    """At rank = P the PSD core gives (H₊ + ρI)⁻¹ v, H₊ the positive part of an indefinite H, and says it clamped."""
+    dim, rho = 7, 0.5
+    hessian = _sym_from_eigs(th.linspace(-1.5, 2.0, dim), seed=3)
+    eigenvalues, eigenvectors = th.linalg.eigh(hessian)
+    assert eigenvalues.min() < 0 < eigenvalues.max()
+    positive_part = eigenvectors @ th.diag(eigenvalues.clamp(min=0.0)) @ eigenvectors.T
+    v = _randn(dim, seed=4)
+    result = NystromSolver(rank=dim, rho=rho, seed=0).solve(_matrix_hvp(hessian), v)
+    assert result.info["clamped_core"] == 1.0
+    assert _rel_err(result.x, th.linalg.solve(positive_part + rho * th.eye(dim, dtype=DTYPE), v)) < 1e-9
+
+
+def test_nystrom_relative_rho_scales_with_the_sampled_diagonal():
+    hessian = 100.0 * _sym_from_eigs(th.linspace(0.2, 3.0, 6), seed=5)
+    v = _randn(6, seed=6)
+    result = NystromSolver(rank=6, rho=0.1, relative_rho=True, seed=0).solve(_matrix_hvp(hessian), v)
+    expected_rho = 0.1 * float(hessian.diagonal().mean())
+    assert result.info["rho"] == pytest.approx(expected_rho)
+    assert _rel_err(result.x, th.linalg.solve(hessian + expected_rho * th.eye(6, dtype=DTYPE), v)) < 1e-9
 
 
 def test_nystrom_jitter_rescues_singular_core():
@@ -577,3 +600,55 @@ def test_bound_correction():
 def test_ihvp_result_fields():
     result = IHVPResult(x=th.zeros(2), n_products=3, converged=True)
     assert result.info == {} and result.n_products == 3
+
+
+# --- Gauss–Newton curvature ------------------------------------------------------------------------------------------
+
+
+def _regression_outputs(seed: int = 0):
+    """A small tanh MLP's outputs ``(B,)`` on random inputs, its parameters and its dense Jacobian ``(B, P)``."""
+    generator = _gen(seed)
+    net = th.nn.Sequential(th.nn.Linear(3, 5), th.nn.Tanh(), th.nn.Linear(5, 1)).to(DTYPE)
+    with th.no_grad():
+        for param in net.parameters():
+            param.copy_(th.randn(param.shape, generator=generator, dtype=DTYPE))
+    inputs = th.randn(9, 3, generator=generator, dtype=DTYPE)
+    params = list(net.parameters())
+    outputs = net(inputs).flatten()
+    rows = [flatten(th.autograd.grad(outputs[b], params, retain_graph=True)) for b in range(len(outputs))]
+    return outputs, params, th.stack(rows)
+
+
+def test_gauss_newton_product_equals_the_explicit_matrix_and_the_hessian_at_a_perfect_fit():
+    outputs, params, jacobian = _regression_outputs()
+    weights = th.rand(len(outputs), generator=_gen(1), dtype=DTYPE)
+    operator = GaussNewtonProduct(outputs, params, weights=weights, damping=0.3)
+    expected = jacobian.T @ th.diag(weights) @ jacobian + 0.3 * th.eye(jacobian.shape[1], dtype=DTYPE)
+    vectors = _randn(4, jacobian.shape[1], seed=2)
+    th.testing.assert_close(operator(vectors), vectors @ expected.T)
+    th.testing.assert_close(operator(vectors[0]), expected @ vectors[0])
+    assert operator.n_products == 5
+    # Where the residuals vanish the Gauss–Newton matrix is the Hessian of the weighted MSE (targets = outputs).
+    loss = (weights / 2 * (outputs.detach() - outputs) ** 2).sum()
+    th.testing.assert_close(GaussNewtonProduct(outputs, params, weights=weights).dense(), HessianVectorProduct(loss, params).dense())
+
+
+def test_psd_nystrom_at_full_rank_equals_the_dense_damped_gauss_newton_solve():
+    outputs, params, jacobian = _regression_outputs(seed=4)
+    operator = GaussNewtonProduct(outputs, params)
+    dim, rho = jacobian.shape[1], 0.7
+    v = _randn(dim, seed=5)
+    result = NystromSolver(rank=dim, rho=rho, seed=0).solve(operator, v)
+    dense = DenseSolver(damping=rho).solve(operator, v)
+    expected = th.linalg.solve(jacobian.T @ jacobian + rho * th.eye(dim, dtype=DTYPE), v)
+    assert result.converged and result.info["clamped_core"] == 0.0
+    assert _rel_err(result.x, expected) < 1e-8
+    assert _rel_err(dense.x, expected) < 1e-8
+
+
+def test_gauss_newton_rejects_bad_shapes():
+    outputs, params, _ = _regression_outputs()
+    with pytest.raises(ValueError, match="outputs"):
+        GaussNewtonProduct(outputs.unsqueeze(1), params)
+    with pytest.raises(ValueError, match="weights"):
+        GaussNewtonProduct(outputs, params, weights=th.ones(3, dtype=DTYPE))

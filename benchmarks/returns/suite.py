@@ -3,22 +3,28 @@
 Every run is rl-zoo3's ``train`` through ``sb3-blpo-zoo`` (``python -m sb3_blpo.zoo``), one process per run, so runs
 parallelise (``--jobs``) and use exactly the configs users get:
 
-* ``blpo``: ``zoo_hyperparams/blpo.yml`` (Nyström IHVP, rank 5, ρ = 1);
+* ``blpo``: ``zoo_hyperparams/blpo.yml`` with BLPO's defaults (improvement-form leader objective, target coupling,
+  Nyström rank 5, ρ = 1 on the Gauss–Newton curvature);
 * ``blpo_nested``: the same entry with ``ihvp_solver=None`` (nested critic steps, plain actor gradient: the ablation);
+* ``blpo_rollout_adv``: the same entry with ``actor_advantages="rollout"``;
 * ``blpo_cg``: the same entry with ``ihvp_solver="cg"``;
+* ``blpo_authors``: the authors' recipe, ``zoo_hyperparams/blpo_authors.yml``;
 * ``ppo``: rl-zoo3's own ``ppo.yml`` entry (its ``-v4`` entry for the MuJoCo ``-v5`` envs, which zoo lacks);
-* ``blpo_target`` / ``blpo_cg_target``: ``blpo`` / ``blpo_cg`` with ``coupling="target"`` (the default until this
-  suite showed it fails; the recorded run in docs/benchmarks.md).
+* history, the defaults before the improvement form (plain surrogate, Hessian curvature): ``blpo_distribution``
+  (distribution coupling, the default before it), ``blpo_target`` / ``blpo_cg_target`` (target coupling, the default
+  of the first recorded suite).
 
 The policy is evaluated ``--evals`` times per run (deterministic actions, ``--eval-episodes`` episodes, rl-zoo3's
 EvalCallback with normalisation statistics synced). Each finished run becomes ``<out>/csv/<env>/<variant>/seed<k>.csv``
-with one row per evaluation (``timesteps, mean_return, std_return, episodes, seconds``); a run whose CSV exists is
-skipped, so an interrupted suite resumes where it stopped.
+with one row per evaluation (``timesteps, mean_return, std_return, episodes, seconds, train_return``, the last being
+the mean return of the last 20 training episodes of the run); a run whose CSV exists is skipped, so an interrupted
+suite resumes where it stopped. ``--summary`` prints the per-env table (mean ± sd over seeds) of what is finished.
 
 Usage::
 
     python benchmarks/returns/suite.py --jobs 2                 # the "cpu" profile of docs/benchmarks.md
     python benchmarks/returns/suite.py --profile full --jobs 16 # rl-zoo3's budgets (1e5 to 1e6 steps per run)
+    python benchmarks/returns/suite.py --summary --variants blpo blpo_nested   # mean ± sd table of finished runs
     python benchmarks/returns/report.py                         # rliable aggregates, plots, markdown tables
 """
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -63,25 +70,33 @@ PROFILES = {
         "HalfCheetah-v5": 1_000_000,
     },
 }
-# The *_target variants pin coupling="target", BLPO's default when docs/benchmarks.md's suite ran.
-VARIANTS = {
-    "blpo": ("blpo", []),
-    "blpo_nested": ("blpo", ["ihvp_solver:None"]),
-    "blpo_cg": ("blpo", ["ihvp_solver:'cg'"]),
-    "ppo": ("ppo", []),
-    "blpo_target": ("blpo", ["coupling:'target'"]),
-    "blpo_cg_target": ("blpo", ["ihvp_solver:'cg'", "coupling:'target'"]),
+# variant: (algo, packaged config or None, -params overrides). History variants pin the settings of earlier defaults.
+_SURROGATE_HESSIAN = ["leader_objective:'surrogate'", "ihvp_kwargs:dict(curvature='hessian')"]
+VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
+    "blpo": ("blpo", None, []),
+    "blpo_nested": ("blpo", None, ["ihvp_solver:None"]),
+    "blpo_rollout_adv": ("blpo", None, ["actor_advantages:'rollout'"]),
+    "blpo_cg": ("blpo", None, ["ihvp_solver:'cg'"]),
+    "blpo_authors": ("blpo", "blpo_authors", []),
+    "ppo": ("ppo", None, []),
+    "blpo_distribution": ("blpo", None, [*_SURROGATE_HESSIAN, "coupling:'distribution'"]),
+    "blpo_target": ("blpo", None, [*_SURROGATE_HESSIAN, "coupling:'target'"]),
+    "blpo_cg_target": ("blpo", None, ["ihvp_solver:'cg'", *_SURROGATE_HESSIAN, "coupling:'target'"]),
 }
 MAIN_VARIANTS = ("blpo", "blpo_nested", "blpo_cg", "ppo")
 LABELS = {
-    "blpo": "BLPO (Nyström)",
+    "blpo": "BLPO (default)",
     "blpo_nested": "BLPO nested-only",
+    "blpo_rollout_adv": "BLPO, rollout advantages",
     "blpo_cg": "BLPO (CG)",
+    "blpo_authors": "BLPO, authors' recipe",
     "ppo": "PPO (zoo)",
+    "blpo_distribution": "BLPO, surrogate + distribution coupling (previous default)",
     "blpo_target": "BLPO (Nyström), target coupling",
     "blpo_cg_target": "BLPO (CG), target coupling",
 }
-CSV_FIELDS = ("timesteps", "mean_return", "std_return", "episodes", "seconds")
+CSV_FIELDS = ("timesteps", "mean_return", "std_return", "episodes", "seconds", "train_return")
+TRAIN_EPISODES = 20
 RANDOM_SCORES_FILE = "random_scores.json"
 RANDOM_EPISODES = 20
 
@@ -134,15 +149,50 @@ def csv_path(out: Path, env_id: str, variant: str, seed: int) -> Path:
 
 
 def train_command(env_id: str, variant: str, seed: int, steps: int, args: argparse.Namespace, log_dir: Path) -> list[str]:
-    algo, overrides = VARIANTS[variant]
+    algo, config, overrides = VARIANTS[variant]
     command = [sys.executable, "-m", "sb3_blpo.zoo", "train", "--algo", algo, "--env", env_id, "--seed", str(seed)]
     command += ["-n", str(steps), "--eval-freq", str(max(steps // args.evals, 1)), "--eval-episodes", str(args.eval_episodes)]
     command += ["-f", str(log_dir), "--num-threads", "1", "--verbose", "0", "--log-interval", "-1"]
     if algo == "ppo":
         command += ["--conf-file", str(ppo_config(args.out))]
+    elif config is not None:
+        command += ["--conf-file", config]
     if overrides:
         command += ["-params", *overrides]
     return command
+
+
+def training_return(log_dir: Path) -> float:
+    """Mean return of the last :data:`TRAIN_EPISODES` training episodes (all envs, by end time), from the Monitor
+    files rl-zoo3 writes next to the model; NaN if there are none."""
+    episodes = []
+    for monitor in log_dir.rglob("*.monitor.csv"):
+        with open(monitor) as handle:
+            handle.readline()  # the Monitor's JSON header
+            episodes += [(float(row["t"]), float(row["r"])) for row in csv.DictReader(handle)]
+    if not episodes:
+        return math.nan
+    episodes.sort()
+    return round(float(np.mean([r for _, r in episodes[-TRAIN_EPISODES:]])), 2)
+
+
+def summary(args: argparse.Namespace) -> str:
+    """Markdown table of the finished runs: final evaluation and training return, mean ± sd over seeds."""
+    lines = ["| env | variant | seeds | final evaluation | training return (last 20 episodes) |", "|---|---|---|---|---|"]
+    for env_id in args.envs:
+        for variant in args.variants:
+            finals, trains = [], []
+            for seed in args.seeds:
+                path = csv_path(args.out, env_id, variant, seed)
+                if path.exists():
+                    with open(path) as handle:
+                        last = list(csv.DictReader(handle))[-1]
+                    finals.append(float(last["mean_return"]))
+                    trains.append(float(last.get("train_return") or math.nan))
+            if finals:
+                cells = [f"{np.mean(x):.1f} ± {np.std(x, ddof=1) if len(x) > 1 else 0.0:.1f}" for x in (finals, trains)]
+                lines.append(f"| {env_id} | {LABELS[variant]} | {len(finals)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 def run(env_id: str, variant: str, seed: int, steps: int, args: argparse.Namespace) -> str:
@@ -164,9 +214,10 @@ def run(env_id: str, variant: str, seed: int, steps: int, args: argparse.Namespa
     if not evaluations:
         return f"FAILED: no evaluations.npz under {log_dir}"
     data = np.load(evaluations[-1])
+    train_return = training_return(log_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     rows = [
-        (int(t), float(np.mean(r)), float(np.std(r)), len(r), round(seconds, 1))
+        (int(t), float(np.mean(r)), float(np.std(r)), len(r), round(seconds, 1), train_return)
         for t, r in zip(data["timesteps"], data["results"], strict=True)
     ]
     with open(target.with_suffix(".tmp"), "w", newline="") as handle:
@@ -191,8 +242,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep-logs", action="store_true", help="keep rl-zoo3's log folders (models, configs)")
+    parser.add_argument("--summary", action="store_true", help="print the table of finished runs and exit")
     args = parser.parse_args()
     args.out = args.out.resolve()
+    if args.summary:
+        print(summary(args))
+        return
     jobs = [
         (env_id, variant, seed, args.steps or PROFILES[args.profile][env_id])
         for seed in args.seeds

@@ -23,9 +23,20 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_blpo._validation import InvalidParameterError, check_float, check_int, check_one_of
 from sb3_blpo.blpo.advantages import DifferentiableGAE, KernelWindow
-from sb3_blpo.blpo.coupling import COUPLING_MODES, CouplingMode, coupled_critic_loss
+from sb3_blpo.blpo.coupling import (
+    AUTHORS_F2,
+    COUPLING_MODES,
+    CouplingMode,
+    coupled_targets_and_weights,
+    prefix_mean_f2,
+    weighted_squared_error,
+)
+from sb3_blpo.blpo.objectives import LEADER_OBJECTIVES, LeaderObjective, clipped_surrogate, leader_loss
 from sb3_blpo.blpo.policies import BLPOCnnPolicy, BLPOMultiInputPolicy, BLPOPolicy, CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_blpo.hypergrad import (
+    CurvatureOperator,
+    GaussNewtonProduct,
+    HessianVectorProduct,
     IHVPSolver,
     NystromSolver,
     bound_correction,
@@ -42,6 +53,12 @@ SelfBLPO = TypeVar("SelfBLPO", bound="BLPO")
 #: to that level's minibatch loss (or ``None``). Registered with :meth:`BLPO.add_loss_term`.
 LossTerm = Callable[[str, PyTorchObs], "th.Tensor | None"]
 LOSS_LEVELS: tuple[str, ...] = ("actor", "critic")
+#: Accepted ``coupling`` values: the coupled critic objective's modes and the authors' f2 surrogate.
+BLPO_COUPLINGS: tuple[str, ...] = (*COUPLING_MODES, AUTHORS_F2)
+#: Accepted ``ihvp_kwargs["curvature"]`` values: the matrix the IHVP inverts.
+CURVATURES: tuple[str, ...] = ("gauss_newton", "hessian")
+#: Accepted ``actor_advantages`` values.
+ACTOR_ADVANTAGES: tuple[str, ...] = ("recomputed", "rollout")
 
 
 def _select(observations: PyTorchObs, index: th.Tensor) -> PyTorchObs:
@@ -70,7 +87,17 @@ class _Minibatch:
     actions: th.Tensor
     old_log_prob: th.Tensor
     targets: th.Tensor
+    rollout_advantages: th.Tensor
     window: KernelWindow
+    n_steps: int
+
+    @property
+    def env_index(self) -> th.Tensor:
+        return self.index // self.n_steps
+
+    @property
+    def time_index(self) -> th.Tensor:
+        return self.index % self.n_steps
 
     def __len__(self) -> int:
         return len(self.index)
@@ -106,7 +133,9 @@ class _Rollout:
             actions=self.actions[index],
             old_log_prob=self.old_log_prob[index],
             targets=self.targets[index],
+            rollout_advantages=self.advantages.flatten()[index],
             window=self.gae.kernel.window(index // self.n_steps, index % self.n_steps),
+            n_steps=self.n_steps,
         )
 
     def minibatches(self, batch_size: int) -> Iterator[_Minibatch]:
@@ -128,16 +157,19 @@ class BLPO(OnPolicyAlgorithm):
     """
     Bilevel Policy Optimization (BLPO) with Nyström hypergradients.
 
-    Actor-critic as a Stackelberg game: the actor (leader, θ) minimises the PPO clipped surrogate ``f(θ, w)`` whose
+    Actor-critic as a Stackelberg game: the actor (leader, θ) minimises a PPO-style objective ``f(θ, w)`` whose
     advantages are a differentiable function of the critic; the critic (follower, w) best-responds by minimising its
-    regression loss ``g``. Per minibatch, BLPO runs ``n_critic_steps`` critic steps toward the best response, then one
-    actor step along the hypergradient
+    regression loss ``g̃(θ, ·)``, written as an explicit function of the actor (:mod:`sb3_blpo.blpo.coupling`). Per
+    minibatch, BLPO runs ``n_critic_steps`` critic steps on ``g̃(θ, ·)`` at the current actor, then one actor step
+    along the hypergradient
 
-        ∇θf − ∂²g̃/∂θ∂w · (∇²ww g̃)⁻¹ ∇w f,
+        ∇θf − ∂²g̃/∂θ∂w · C⁻¹ ∇w f,
 
-    where the inverse-Hessian-vector product is computed by ``ihvp_solver`` (Nyström by default) and the correction is
-    bounded by ``hypergrad_bound · ‖∇θf‖``. ``g̃`` is the critic objective written as an explicit function of the actor
-    (see :mod:`sb3_blpo.blpo.coupling` and ``docs/blpo.md``).
+    where ``C`` is the follower's curvature (its positive semi-definite Gauss–Newton matrix by default), the inverse
+    product is computed by ``ihvp_solver`` (Nyström by default) and the correction is bounded by
+    ``hypergrad_bound · ‖∇θf‖``. The default leader objective is the improvement form ``f + mean Â(w)``, whose bilevel
+    objective is ``(1 − γ)(J(π_old) − J(π_θ))`` (see :mod:`sb3_blpo.blpo.objectives` and ``docs/blpo.md``).
+    :meth:`authors_recipe` gives the settings of the authors' code instead.
 
     Paper: https://arxiv.org/abs/2505.11714 (Prakash, He, Goktas, Greenwald, 2025).
 
@@ -162,13 +194,21 @@ class BLPO(OnPolicyAlgorithm):
     :param target_kl: Stop the epochs early when the approximate KL of a minibatch exceeds ``1.5 * target_kl``
     :param ihvp_solver: Inverse-HVP solver: ``"nystrom"`` (default), ``"cg"``, ``"neumann"``, ``"dense"``, or ``None`` for
         the nested-only ablation (plain ∇θf after the nested critic steps)
-    :param ihvp_kwargs: Solver settings, e.g. ``dict(rank=5, rho=1.0)`` for Nyström (see :mod:`sb3_blpo.hypergrad`)
+    :param ihvp_kwargs: Solver settings, e.g. ``dict(rank=5, rho=1.0)`` for Nyström (see :mod:`sb3_blpo.hypergrad`),
+        plus ``curvature``: the matrix the solver inverts, ``"gauss_newton"`` (default; the positive semi-definite
+        Gauss–Newton part of the follower's Hessian, about one Hessian-vector product each) or ``"hessian"``
     :param hypergrad_bound: The correction is rescaled so that ``‖u‖ ≤ hypergrad_bound · ‖∇θf‖`` (``math.inf``: none)
-    :param coupling: Which actor dependence of the critic objective gives the mixed term: ``"distribution"`` (how the
-        visited states move with the policy; default), ``"target"`` (how the critic's targets move with it) or ``"both"``.
-        With ``"target"`` the correction nearly cancels ∇θf and the agent fails to learn on most benchmarks
-        (docs/benchmarks.md)
-    :param coupling_clip: Ratios in the coupled critic objective are clamped to ``[1 − c, 1 + c]``
+    :param leader_objective: ``"improvement"`` (default): ``f + mean Â(w)``, whose bilevel objective is the exact
+        policy improvement; ``"surrogate"``: the plain PPO surrogate of the paper and the authors' code, whose bilevel
+        objective is identically zero with a best-responding critic (its hypergradient reverses the policy gradient)
+    :param actor_advantages: Advantages in the direct term ``∇θf``: ``"recomputed"`` (GAE from the critic after its
+        nested steps) or ``"rollout"`` (PPO's fixed rollout advantages; ``Â(w)`` is kept only where ``∇w f`` needs it)
+    :param coupling: Which actor dependence of the follower objective gives the mixed term: ``"target"`` (how the
+        critic's targets move with the policy; default), ``"distribution"`` (how the visited states move with it),
+        ``"both"``, or ``"authors_f2"`` (the authors' prefix-mean surrogate f2 for the mixed term, with the plain MSE as
+        the follower; see :func:`~sb3_blpo.blpo.coupling.prefix_mean_f2`)
+    :param coupling_clip: Ratios in the coupled critic objective are clamped to ``[1 − c, 1 + c]``; with
+        ``"authors_f2"`` it is the clip range ``ε_F`` of the surrogate inside f2 (the authors' ``CLIP_F``)
     :param stats_window_size: Window size for the rollout logging (number of episodes to average)
     :param tensorboard_log: The log location for tensorboard (if None, no logging)
     :param policy_kwargs: Additional arguments to be passed to the policy on creation
@@ -209,7 +249,9 @@ class BLPO(OnPolicyAlgorithm):
         ihvp_solver: str | IHVPSolver | None = "nystrom",
         ihvp_kwargs: dict[str, Any] | None = None,
         hypergrad_bound: float = 1.0,
-        coupling: CouplingMode = "distribution",
+        leader_objective: LeaderObjective = "improvement",
+        actor_advantages: str = "recomputed",
+        coupling: CouplingMode = "target",
         coupling_clip: float = 0.2,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -250,8 +292,12 @@ class BLPO(OnPolicyAlgorithm):
         self.normalize_advantage = normalize_advantage
         self.target_kl = target_kl
         self.ihvp_solver = ihvp_solver
+        if ihvp_kwargs is not None and not isinstance(ihvp_kwargs, dict):
+            raise InvalidParameterError(f"ihvp_kwargs must be a dict or None, got {ihvp_kwargs!r}")
         self.ihvp_kwargs = dict(ihvp_kwargs or {})
         self.hypergrad_bound = hypergrad_bound
+        self.leader_objective = leader_objective
+        self.actor_advantages = actor_advantages
         self.coupling = coupling
         self.coupling_clip = coupling_clip
         self._check_hyperparameters()
@@ -269,7 +315,11 @@ class BLPO(OnPolicyAlgorithm):
         check_float("max_grad_norm", self.max_grad_norm, minimum=0.0, allow_minimum=False, allow_inf=True)
         check_float("hypergrad_bound", self.hypergrad_bound, minimum=0.0, allow_inf=True)
         check_float("coupling_clip", self.coupling_clip, minimum=0.0, allow_minimum=False)
-        check_one_of("coupling", self.coupling, COUPLING_MODES)
+        check_one_of("coupling", self.coupling, BLPO_COUPLINGS)
+        check_one_of("leader_objective", self.leader_objective, LEADER_OBJECTIVES)
+        check_one_of("actor_advantages", self.actor_advantages, ACTOR_ADVANTAGES)
+        curvature, solver_kwargs = self._split_ihvp_kwargs()
+        check_one_of("ihvp_kwargs['curvature']", curvature, CURVATURES)
         for name in ("learning_rate", "critic_learning_rate", "clip_range"):
             value = getattr(self, name)
             if not callable(value):
@@ -282,7 +332,7 @@ class BLPO(OnPolicyAlgorithm):
             )
         # Build once now so that an unknown solver name or setting fails at construction.
         try:
-            make_solver(self.ihvp_solver, **self.ihvp_kwargs)
+            make_solver(self.ihvp_solver, **solver_kwargs)
         except (ValueError, TypeError) as error:
             raise InvalidParameterError(
                 f"ihvp_solver={self.ihvp_solver!r}, ihvp_kwargs={self.ihvp_kwargs}: {error}"
@@ -309,7 +359,8 @@ class BLPO(OnPolicyAlgorithm):
         # The partition is fixed once the policy exists (loading copies values into the same tensors).
         self._actor_params = self.policy.actor_parameters()
         self._critic_params = self.policy.critic_parameters()
-        self._solver = make_solver(self.ihvp_solver, **self.ihvp_kwargs)
+        self._curvature, solver_kwargs = self._split_ihvp_kwargs()
+        self._solver = make_solver(self.ihvp_solver, **solver_kwargs)
         if isinstance(self._solver, NystromSolver):
             self._solver.validate_dim(sum(p.numel() for p in self._critic_params))
             if self._solver.seed is None and self.seed is not None:
@@ -319,6 +370,48 @@ class BLPO(OnPolicyAlgorithm):
         self._warned_nonfinite = False
         self._nonfinite_skips = 0
         self._loss_terms: list[LossTerm] = []
+
+    def _split_ihvp_kwargs(self) -> tuple[str, dict[str, Any]]:
+        """``ihvp_kwargs`` → the curvature (default ``"gauss_newton"``) and the solver's own keyword arguments."""
+        solver_kwargs = dict(self.ihvp_kwargs)
+        return solver_kwargs.pop("curvature", "gauss_newton"), solver_kwargs
+
+    @staticmethod
+    def authors_recipe(env_kind: str = "discrete") -> dict[str, Any]:
+        """Keyword arguments that reproduce the BLPO authors' public code (arXiv:2505.11714), not our default.
+
+        The plain PPO surrogate as leader objective (no advantage normalisation, no entropy bonus), their prefix-mean
+        surrogate f2 for the mixed term (``CLIP_F`` 0.5), the Hessian of the critic MSE inverted by Nyström with rank
+        5, the ``+I`` core (jitter 1) and ρ = 50, their learning rates, nested steps and bound (their later configs:
+        bound 1.0 everywhere; 5 nested steps for discrete, 3 for continuous control), 4 epochs, γ 0.99, λ 0.95, clip
+        0.2, no gradient clipping and Adam's ε = 1e-5. Rollout shape (``n_envs``, ``n_steps``, ``batch_size``) is the
+        env's: they used one trajectory per minibatch. Usage: ``BLPO("MlpPolicy", env, **BLPO.authors_recipe("discrete"))``.
+
+        :param env_kind: ``"discrete"`` (their gymnax settings: CartPole, Acrobot) or ``"continuous"`` (Brax settings)
+        :return: a fresh dict of keyword arguments
+        """
+        check_one_of("env_kind", env_kind, ("discrete", "continuous"))
+        discrete = env_kind == "discrete"
+        return dict(
+            learning_rate=2.5e-4 if discrete else 3e-4,
+            critic_learning_rate=1e-3 if discrete else 1.2e-3,
+            n_critic_steps=5 if discrete else 3,
+            n_epochs=4,
+            gamma=0.99,
+            gae_lambda=0.95,
+            clip_range=0.2,
+            normalize_advantage=False,
+            ent_coef=0.0,
+            max_grad_norm=math.inf,
+            leader_objective="surrogate",
+            actor_advantages="recomputed",
+            coupling=AUTHORS_F2,
+            coupling_clip=0.5,
+            ihvp_solver="nystrom",
+            ihvp_kwargs=dict(rank=5, rho=50.0, jitter=1.0, curvature="hessian"),
+            hypergrad_bound=1.0,
+            policy_kwargs=dict(optimizer_kwargs=dict(eps=1e-5)),
+        )
 
     def _excluded_save_params(self) -> list[str]:
         return [
@@ -385,8 +478,11 @@ class BLPO(OnPolicyAlgorithm):
             for batch in rollout.minibatches(self.batch_size):
                 if self.use_sde:
                     self.policy.reset_noise(len(batch))
+                # The actor's ratios on the whole rollout: constants for the follower's steps, differentiated in θ
+                # by the mixed term. θ does not move during the nested steps, so one forward pass serves both.
+                ratios = self._rollout_ratios(rollout) if self._solver is not None else None
                 nested_started = time.perf_counter()
-                stats["value_loss_before_nested"].append(self._nested_critic_steps(batch))
+                stats["value_loss_before_nested"].append(self._nested_critic_steps(rollout, batch, ratios))
                 stats["seconds_nested_critic"].append(time.perf_counter() - nested_started)
                 actor_loss, approx_kl = self._actor_objective(rollout, batch, clip_range, stats)
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
@@ -394,7 +490,7 @@ class BLPO(OnPolicyAlgorithm):
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl:.2f}")
                     break
-                direction = self._actor_direction(rollout, batch, actor_loss, stats)
+                direction = self._actor_direction(rollout, batch, actor_loss, ratios, stats)
                 self._actor_step(direction)
             self._n_updates += 1
             if not continue_training:
@@ -461,19 +557,46 @@ class BLPO(OnPolicyAlgorithm):
             stacked = np.stack(observations)
         return self.policy.obs_to_tensor(stacked)[0]
 
-    def _critic_loss(self, batch: _Minibatch) -> th.Tensor:
-        values = self.policy.predict_values(batch.observations).flatten()
-        return th.mean((batch.targets - values) ** 2)
+    def _rollout_ratios(self, rollout: _Rollout) -> th.Tensor:
+        """``π_θ / π_old`` on every rollout entry, ``(n_envs, n_steps)``, with the graph to θ."""
+        log_prob, _ = self.policy.actor_log_prob_entropy(rollout.observations, rollout.actions)
+        return th.exp(log_prob - rollout.old_log_prob).view(rollout.n_envs, rollout.n_steps)
 
-    def _nested_critic_steps(self, batch: _Minibatch) -> float:
-        """``n_critic_steps`` follower steps on the MSE to the fixed targets; returns the loss before the first."""
+    def _follower_loss(
+        self, rollout: _Rollout, batch: _Minibatch, ratios: th.Tensor | None
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """The follower objective ``g̃(θ, w)`` on the minibatch at the current critic: ``(loss, values, weights)``.
+
+        It is the one whose implicit function theorem the hypergradient applies: the critic MSE with the actor's
+        influence on the targets / state weights made explicit (``coupling``). Without ratios (nested-only) or with
+        ``"authors_f2"`` (whose follower is the plain MSE) it is the MSE to the fixed targets; at ``θ = θ_old`` all
+        forms coincide with it.
+        """
+        values = self.policy.predict_values(batch.observations).flatten()
+        if ratios is None or self.coupling == AUTHORS_F2:
+            return weighted_squared_error(values, batch.targets), values, None
+        targets, weights = coupled_targets_and_weights(
+            batch.targets,
+            ratios,
+            rollout.advantages,
+            batch.window,
+            gamma=self.gamma,
+            mode=self.coupling,
+            ratio_clip=self.coupling_clip,
+        )
+        return weighted_squared_error(values, targets, weights), values, weights
+
+    def _nested_critic_steps(self, rollout: _Rollout, batch: _Minibatch, ratios: th.Tensor | None) -> float:
+        """``n_critic_steps`` follower steps on ``g̃(θ, ·)`` at the current actor (``ratios`` as constants), so that the
+        critic the implicit function theorem is applied at is the one being fitted; returns the loss before the first."""
         loss_before = math.nan
         critic_params = self._critic_params
+        ratios = None if ratios is None else ratios.detach()
         for step in range(self.n_critic_steps):
-            value_loss = self._critic_loss(batch)
+            follower_loss, _, _ = self._follower_loss(rollout, batch, ratios)
             if step == 0:
-                loss_before = value_loss.item()
-            loss = value_loss + self._extra_loss("critic", batch.observations)
+                loss_before = follower_loss.item()
+            loss = follower_loss + self._extra_loss("critic", batch.observations)
             self.policy.critic_optimizer.zero_grad()
             loss.backward()
             # The total norm is NaN/Inf as soon as one gradient entry is: one check covers every parameter.
@@ -486,30 +609,37 @@ class BLPO(OnPolicyAlgorithm):
 
     def _differentiable_advantages(
         self, rollout: _Rollout, batch: _Minibatch, track_critic: bool
-    ) -> tuple[th.Tensor, th.Tensor]:
-        """GAE advantages of the minibatch from the current critic (with ``track_critic`` they carry ``∂/∂w``), and
-        the critic's values of the minibatch (detached)."""
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """GAE advantages of the minibatch from the current critic (with ``track_critic`` they carry ``∂/∂w``), the
+        TD errors of the whole rollout they come from, and the critic's values of the minibatch (detached)."""
         with th.set_grad_enabled(track_critic):
             values, last_values, terminal_values = rollout.split_values(self.policy.predict_values(rollout.value_inputs))
             td_errors = rollout.gae.td_errors(values, last_values, terminal_values, rollout.old_terminal_values)
             advantages = rollout.gae.minibatch(td_errors, batch.window)
-        return advantages, values.flatten()[batch.index].detach()
+        return advantages, td_errors, values.flatten()[batch.index].detach()
 
     def _actor_objective(
         self, rollout: _Rollout, batch: _Minibatch, clip_range: float, stats: dict[str, list[float]]
     ) -> tuple[th.Tensor, float]:
-        """Leader loss ``f(θ, w)`` on the minibatch (PPO clipped surrogate + entropy) and the approximate KL."""
-        advantages, critic_values = self._differentiable_advantages(rollout, batch, track_critic=self._solver is not None)
-        stats["value_loss"].append(float(th.mean((critic_values - batch.targets) ** 2)))
+        """Leader loss on the minibatch (``leader_objective`` + entropy) and the approximate KL."""
+        critic_advantages, _, critic_values = self._differentiable_advantages(
+            rollout, batch, track_critic=self._solver is not None
+        )
+        stats["value_loss"].append(float(weighted_squared_error(critic_values, batch.targets)))
+        if self.actor_advantages == "rollout":
+            # The rollout's values in the direct term, the critic's derivative where ∇w f needs it.
+            advantages = batch.rollout_advantages + (critic_advantages - critic_advantages.detach())
+        else:
+            advantages = critic_advantages
         if self.normalize_advantage and len(batch) > 1:
-            # Statistics as constants: normalisation then rescales f without cancelling its dependence on the critic
-            # (through the mean, ∇w f would vanish identically at θ = θ_old, where f = −mean(Â_norm) = 0).
+            # Statistics as constants: normalisation only rescales the objective (the improvement form's ∇w already
+            # vanishes at θ_old without differentiating through the mean).
             mean, std = advantages.detach().mean(), advantages.detach().std()
             advantages = (advantages - mean) / (std + 1e-8)
         log_prob, entropy = self.policy.actor_log_prob_entropy(batch.observations, batch.actions)
         log_ratio = log_prob - batch.old_log_prob
         ratio = th.exp(log_ratio)
-        policy_loss = -th.min(advantages * ratio, advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
+        policy_loss = leader_loss(ratio, advantages, clip_range, self.leader_objective)
         entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
         loss = policy_loss + self.ent_coef * entropy_loss + self._extra_loss("actor", batch.observations)
         with th.no_grad():
@@ -521,24 +651,35 @@ class BLPO(OnPolicyAlgorithm):
         stats["approx_kl"].append(approx_kl)
         return loss, approx_kl
 
-    def _coupled_critic_objective(self, rollout: _Rollout, batch: _Minibatch) -> th.Tensor:
-        """``g̃(θ, w)``: the critic MSE with the actor's influence on targets/state weights made explicit."""
-        all_log_prob, _ = self.policy.actor_log_prob_entropy(rollout.observations, rollout.actions)
-        ratios = th.exp(all_log_prob - rollout.old_log_prob).view(rollout.n_envs, rollout.n_steps)
-        values = self.policy.predict_values(batch.observations).flatten()
-        return coupled_critic_loss(
-            values,
-            batch.targets,
-            ratios,
-            rollout.advantages,
-            batch.window,
-            gamma=self.gamma,
-            mode=self.coupling,
-            ratio_clip=self.coupling_clip,
-        )
+    def _implicit_terms(
+        self, rollout: _Rollout, batch: _Minibatch, ratios: th.Tensor
+    ) -> tuple[th.Tensor, CurvatureOperator | None]:
+        """The loss whose ``∂²/∂θ∂w`` gives the mixed term, and the curvature the IHVP inverts (``None``: that loss's
+        own Hessian)."""
+        follower_loss, values, weights = self._follower_loss(rollout, batch, ratios)
+        mixed_loss = follower_loss if self.coupling != AUTHORS_F2 else self._authors_f2(rollout, batch, ratios, values)
+        if self._curvature == "gauss_newton":
+            # g̃ = mean ω (ỹ − V)²: Gauss–Newton (2/B) Jᵀ diag(ω) J, positive semi-definite (ω ≥ 0).
+            scale = th.full_like(values, 2.0 / len(batch)) if weights is None else weights.detach() * (2.0 / len(batch))
+            return mixed_loss, GaussNewtonProduct(values, self._critic_params, weights=scale)
+        if self.coupling == AUTHORS_F2:
+            return mixed_loss, HessianVectorProduct(follower_loss, self._critic_params)
+        return mixed_loss, None
+
+    def _authors_f2(self, rollout: _Rollout, batch: _Minibatch, ratios: th.Tensor, values: th.Tensor) -> th.Tensor:
+        """The authors' f2 on the minibatch: per-step surrogate of the whole rollout from the current critic's
+        advantages (unnormalised, clip ``coupling_clip``), prefix-averaged (:func:`prefix_mean_f2`)."""
+        _, td_errors, _ = self._differentiable_advantages(rollout, batch, track_critic=True)
+        surrogate = clipped_surrogate(ratios, rollout.gae.rollout(td_errors), self.coupling_clip)
+        return prefix_mean_f2(values, batch.targets, surrogate, batch.env_index, batch.time_index)
 
     def _actor_direction(
-        self, rollout: _Rollout, batch: _Minibatch, actor_loss: th.Tensor, stats: dict[str, list[float]]
+        self,
+        rollout: _Rollout,
+        batch: _Minibatch,
+        actor_loss: th.Tensor,
+        ratios: th.Tensor | None,
+        stats: dict[str, list[float]],
     ) -> th.Tensor | None:
         """The leader's descent direction: the bounded hypergradient, or ``∇θf`` (nested-only / numerical fallback).
         ``None`` when even ``∇θf`` is not finite (the actor step is then skipped)."""
@@ -549,13 +690,11 @@ class BLPO(OnPolicyAlgorithm):
                 return None
             stats["hypergrad_norm"].append(float(direct.norm()))
             return direct
+        assert ratios is not None, "the ratios are computed whenever a solver is set"
         started = time.perf_counter()
+        mixed_loss, curvature = self._implicit_terms(rollout, batch, ratios)
         hypergradient = implicit_hypergradient(
-            actor_loss,
-            self._coupled_critic_objective(rollout, batch),
-            actor_params,
-            self._critic_params,
-            self._solver,
+            actor_loss, mixed_loss, actor_params, self._critic_params, self._solver, curvature=curvature
         )
         direct, correction = hypergradient.direct, hypergradient.correction
         stats["seconds_hypergradient"].append(time.perf_counter() - started)
@@ -570,6 +709,7 @@ class BLPO(OnPolicyAlgorithm):
         bounded, was_bounded = bound_correction(direct, correction, self.hypergrad_bound)
         stats["ihvp_fallbacks"].append(0.0)
         stats["ihvp_unconverged"].append(0.0 if hypergradient.ihvp.converged else 1.0)
+        stats["ihvp_clamped_cores"].append(hypergradient.ihvp.info.get("clamped_core", 0.0))
         stats["ihvp_correction_norm"].append(float(correction.norm()))
         stats["correction_cosine"].append(float(th.nn.functional.cosine_similarity(correction, direct, dim=0, eps=1e-12)))
         stats["correction_bounded_fraction"].append(float(was_bounded))
@@ -621,6 +761,7 @@ class BLPO(OnPolicyAlgorithm):
                 self.logger.record(f"train/{key}", float(np.mean(stats[key])))
         if self._solver is not None:
             self.logger.record("train/ihvp_fallbacks", float(np.sum(stats["ihvp_fallbacks"])))
+            self.logger.record("train/ihvp_clamped_cores", float(np.sum(stats["ihvp_clamped_cores"])))
             for key in ("seconds_hypergradient", "seconds_ihvp", "seconds_mixed_term"):
                 self.logger.record(f"train/{key}", float(np.sum(stats[key])))
         for key in ("seconds_update", "seconds_nested_critic"):

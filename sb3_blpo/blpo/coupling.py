@@ -23,25 +23,27 @@ import torch as th
 
 from sb3_blpo.blpo.advantages import KernelWindow
 
-CouplingMode = Literal["target", "distribution", "both"]
+CouplingMode = Literal["target", "distribution", "both", "authors_f2"]
+#: Modes of the coupled critic objective ``g̃`` (our derivation).
 COUPLING_MODES: tuple[str, ...] = ("target", "distribution", "both")
+#: The authors' mixed-term surrogate (:func:`prefix_mean_f2`) instead of ``g̃``.
+AUTHORS_F2 = "authors_f2"
 
 
-def coupled_critic_loss(
-    values: th.Tensor,
+def coupled_targets_and_weights(
     targets: th.Tensor,
     ratios: th.Tensor,
     rollout_advantages: th.Tensor,
     window: KernelWindow,
     gamma: float,
-    mode: CouplingMode = "target",
+    mode: str = "target",
     ratio_clip: float = 0.2,
-) -> th.Tensor:
-    """``g̃(θ, w)`` on a minibatch.
+) -> tuple[th.Tensor, th.Tensor]:
+    """The actor-dependent parts of ``g̃(θ, ·)``: shifted targets ``ỹ_t(θ)`` and state weights ``ω_t(θ)``, ``(B,)`` each.
 
-    :param values: ``(B,)`` critic values ``V_w(s_t)`` of the minibatch (graph to ``w``).
     :param targets: ``(B,)`` fixed critic targets ``y_t`` (GAE returns of the rollout critic).
-    :param ratios: ``(n_envs, n_steps)`` probability ratios of the current actor on the whole rollout (graph to ``θ``).
+    :param ratios: ``(n_envs, n_steps)`` probability ratios of the current actor on the whole rollout (graph to ``θ``;
+        detached ratios give the follower objective at the current actor as a constant).
     :param rollout_advantages: ``(n_envs, n_steps)`` fixed GAE advantages of the rollout.
     :param window: episode structure of the rollout seen from the minibatch entries.
     :param gamma: discount factor of the target correction.
@@ -60,4 +62,55 @@ def coupled_critic_loss(
     if mode in ("distribution", "both"):
         # A negative weight would turn the regression into a maximisation; clamp at zero (first-order expansion only).
         weights = th.clamp(1.0 + window.apply(1.0, False, excess), min=0.0)
-    return (weights * (shifted_targets - values) ** 2).mean()
+    return shifted_targets, weights
+
+
+def weighted_squared_error(values: th.Tensor, targets: th.Tensor, weights: th.Tensor | None = None) -> th.Tensor:
+    """``mean_B ω_t (y_t − V_t)²`` (plain MSE without weights): the follower's regression loss, written once."""
+    squared = (targets - values) ** 2
+    return (squared if weights is None else weights * squared).mean()
+
+
+def coupled_critic_loss(
+    values: th.Tensor,
+    targets: th.Tensor,
+    ratios: th.Tensor,
+    rollout_advantages: th.Tensor,
+    window: KernelWindow,
+    gamma: float,
+    mode: str = "target",
+    ratio_clip: float = 0.2,
+) -> th.Tensor:
+    """``g̃(θ, w)`` on a minibatch: :func:`weighted_squared_error` of ``values`` ``(B,)`` (graph to ``w``) against the
+    shifted targets with the state weights of :func:`coupled_targets_and_weights` (same parameters)."""
+    shifted_targets, weights = coupled_targets_and_weights(
+        targets, ratios, rollout_advantages, window, gamma, mode=mode, ratio_clip=ratio_clip
+    )
+    return weighted_squared_error(values, shifted_targets, weights)
+
+
+def prefix_mean_f2(
+    values: th.Tensor,
+    targets: th.Tensor,
+    surrogate: th.Tensor,
+    env_index: th.Tensor,
+    time_index: th.Tensor,
+) -> th.Tensor:
+    """The BLPO authors' mixed-term surrogate ``f2`` (their 2025 code), whose ``∂²/∂θ∂w`` stands in for ``∂²g/∂θ∂w``:
+
+        P_t = −(1/(t+1)) Σ_{i ≤ t} ℓ_i        (prefix mean over the env's trajectory in the rollout)
+        f2  = 2 · mean_{t ∈ B} [ (y_t − V_t) · P_t ]
+
+    with ``ℓ_i`` the per-step clipped surrogate ``min(r_i Â_i(w), clip(r_i, 1 ± ε_F) Â_i(w))``. Their minibatch is one
+    whole trajectory; here the prefix runs over the rollout of the entry's env, so any minibatch works. As in their
+    code the prefix does not stop at episode boundaries.
+
+    :param values: ``(B,)`` critic values of the minibatch (graph to ``w``).
+    :param targets: ``(B,)`` fixed critic targets.
+    :param surrogate: ``(n_envs, n_steps)`` per-step surrogate ``ℓ`` on the whole rollout (graph to ``θ`` and ``w``).
+    :param env_index: ``(B,)`` env of each minibatch entry.
+    :param time_index: ``(B,)`` step of each minibatch entry.
+    """
+    steps = th.arange(1, surrogate.shape[1] + 1, dtype=surrogate.dtype, device=surrogate.device)
+    prefix_mean = -th.cumsum(surrogate, dim=1) / steps
+    return 2.0 * ((targets - values) * prefix_mean[env_index, time_index]).mean()

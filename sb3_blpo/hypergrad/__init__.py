@@ -1,6 +1,8 @@
 """Implicit differentiation in pure torch: Hessian-vector products, inverse-HVP solvers, hypergradients."""
 
 from sb3_blpo.hypergrad.hvp import (
+    CurvatureOperator,
+    GaussNewtonProduct,
     HessianVectorProduct,
     flat_grad,
     flatten,
@@ -25,6 +27,8 @@ from sb3_blpo.hypergrad.solvers import (
 __all__ = [
     "SOLVERS",
     "ConjugateGradientSolver",
+    "CurvatureOperator",
+    "GaussNewtonProduct",
     "DenseSolver",
     "HessianVectorProduct",
     "Hypergradient",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch as th
 
-from sb3_blpo.hypergrad.hvp import HessianVectorProduct, Params, flatten
+from sb3_blpo.hypergrad.hvp import CurvatureOperator, HessianVectorProduct, Params, flatten
 from sb3_blpo.hypergrad.solvers import IHVPResult, IHVPSolver
 
 
@@ -47,6 +47,7 @@ def implicit_hypergradient(
     inner_params: Params,
     solver: IHVPSolver,
     damping: float = 0.0,
+    curvature: CurvatureOperator | None = None,
 ) -> Hypergradient:
     """Hypergradient of ``min_θ F(θ) = f(θ, w*(θ))`` with ``w*(θ) = argmin_w g(θ, w)``.
 
@@ -64,7 +65,10 @@ def implicit_hypergradient(
     :param inner_params: ``w``, the follower's parameters (disjoint from ``θ``).
     :param solver: the IHVP solver for ``x ≈ (∇²ww g + damping·I)⁻¹ ∇w f``.
     :param damping: ``λ >= 0`` added to ``∇²ww g`` inside the Hessian-vector product, on top of any ridge or
-        damping the solver itself adds.
+        damping the solver itself adds (only when ``curvature`` is ``None``; an operator carries its own damping).
+    :param curvature: the matrix the solver inverts in place of ``∇²ww g``, e.g. its positive semi-definite
+        Gauss–Newton part (:class:`~sb3_blpo.hypergrad.hvp.GaussNewtonProduct`) or the Hessian of another follower
+        loss; ``None``: the Hessian of ``inner_loss``. The mixed term always differentiates ``inner_loss``.
     :return: the direct term, ``∇w f``, the correction and the IHVP result; ``.total`` is the hypergradient.
     """
     outer_params, inner_params = list(outer_params), list(inner_params)
@@ -89,7 +93,7 @@ def implicit_hypergradient(
 
     gradients_done = time.perf_counter()
     hvp = HessianVectorProduct(inner_loss, inner_params, damping=damping)
-    ihvp = solver.solve(hvp, v)
+    ihvp = solver.solve(hvp if curvature is None else curvature, v)
     ihvp_done = time.perf_counter()
     correction = hvp.mixed_product(outer_params, ihvp.x).detach()
     seconds = {

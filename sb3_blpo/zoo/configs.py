@@ -15,7 +15,11 @@ from typing import Any
 from sb3_blpo.zoo.errors import ZooDependencyError, ZooInputError
 
 #: Short names accepted by ``--conf-file`` for the configs shipped with sb3_blpo, and their file names.
-PACKAGED_CONFIGS: dict[str, str] = {"blpo": "blpo.yml", "ppo_plasticity": "ppo_plasticity.yml"}
+PACKAGED_CONFIGS: dict[str, str] = {
+    "blpo": "blpo.yml",
+    "blpo_authors": "blpo_authors.yml",
+    "ppo_plasticity": "ppo_plasticity.yml",
+}
 
 #: Keys of a zoo config entry that rl-zoo3 consumes itself (they never reach the algorithm's constructor).
 ZOO_KEYS: tuple[str, ...] = (
