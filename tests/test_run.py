@@ -49,6 +49,7 @@ IHVP_KEYS = (
     "correction_cosine",
     "correction_bounded_fraction",
     "ihvp_fallbacks",
+    "ihvp_clamped_cores",
     "seconds_hypergradient",
     "seconds_ihvp",
     "seconds_mixed_term",
@@ -304,7 +305,7 @@ def test_solver_instance() -> None:
     assert_train_logs(model)
 
 
-@pytest.mark.parametrize("coupling", ["target", "distribution", "both"])
+@pytest.mark.parametrize("coupling", ["target", "distribution", "both", "authors_f2"])
 def test_coupling_modes(coupling: str) -> None:
     model = BLPO("MlpPolicy", "CartPole-v1", coupling=coupling, **SMALL)
     model.learn(128)
@@ -317,19 +318,19 @@ def test_hypergrad_bound() -> None:
     unbounded = BLPO("MlpPolicy", "CartPole-v1", hypergrad_bound=math.inf, **SMALL)
     unbounded.learn(128)
     assert assert_train_logs(unbounded)["correction_bounded_fraction"] == 0.0
-    # A zero bound removes the correction: the actor follows ∇θf, exactly as in the nested-only ablation.
+    # A zero bound removes the correction: the actor follows ∇θf, exactly as with a zero IHVP (same follower).
     zero = BLPO("MlpPolicy", "CartPole-v1", hypergrad_bound=0.0, **SMALL)
     zero.learn(128)
     assert assert_train_logs(zero)["correction_bounded_fraction"] > 0.5
-    nested_only = BLPO("MlpPolicy", "CartPole-v1", ihvp_solver=None, **SMALL)
-    nested_only.learn(128)
-    for (name, param), ref in zip(zero.policy.named_parameters(), nested_only.policy.parameters(), strict=True):
+    no_correction = BLPO("MlpPolicy", "CartPole-v1", ihvp_solver=ZeroSolver(), **SMALL)
+    no_correction.learn(128)
+    for (name, param), ref in zip(zero.policy.named_parameters(), no_correction.policy.parameters(), strict=True):
         th.testing.assert_close(param, ref, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     # ... whereas the unbounded correction moves the actor elsewhere.
     actor = set(actor_names(unbounded))
     assert any(
         not th.equal(param, ref)
-        for (name, param), ref in zip(unbounded.policy.named_parameters(), nested_only.policy.parameters(), strict=True)
+        for (name, param), ref in zip(unbounded.policy.named_parameters(), no_correction.policy.parameters(), strict=True)
         if name in actor
     )
 
@@ -367,6 +368,15 @@ class NaNSolver(IHVPSolver):
         return IHVPResult(x=th.full_like(v, math.nan), n_products=0, converged=True)
 
 
+class ZeroSolver(IHVPSolver):
+    """x = 0: the hypergradient is ∇θf, with the follower and every other step of BLPO unchanged."""
+
+    name = "zero"
+
+    def solve(self, hvp, v: th.Tensor) -> IHVPResult:  # type: ignore[no-untyped-def]
+        return IHVPResult(x=th.zeros_like(v), n_products=0, converged=True)
+
+
 def blpo_warnings(caught: list[warnings.WarningMessage]) -> list[warnings.WarningMessage]:
     return [w for w in caught if issubclass(w.category, RuntimeWarning) and str(w.message).startswith("BLPO")]
 
@@ -383,9 +393,9 @@ def test_nan_ihvp_falls_back_to_direct_gradient() -> None:
     values = logged(model)
     assert values["ihvp_fallbacks"] == 2 * 2, "every minibatch of the last train() fell back"
     assert_finite_parameters(model)
-    # The fallback is the plain actor gradient: the actor still learns, exactly as the nested-only ablation does.
+    # The fallback is the plain actor gradient: the actor still learns, exactly as with a zero correction.
     assert changed(before, model, actor_names(model))
-    reference = BLPO("MlpPolicy", "CartPole-v1", ihvp_solver=None, **SMALL)
+    reference = BLPO("MlpPolicy", "CartPole-v1", ihvp_solver=ZeroSolver(), **SMALL)
     reference.learn(128)
     for (name, param), ref in zip(model.policy.named_parameters(), reference.policy.parameters(), strict=True):
         th.testing.assert_close(param, ref, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
@@ -424,3 +434,23 @@ def test_nan_reward_keeps_parameters_finite(solver: str | None) -> None:
     assert values["nonfinite_skips"] == 0, "the counter is per update"
     for key in ("value_loss", "policy_gradient_loss", "loss"):
         assert math.isfinite(values[key])
+
+
+@pytest.mark.parametrize("leader_objective", ["improvement", "surrogate"])
+@pytest.mark.parametrize("actor_advantages", ["recomputed", "rollout"])
+@pytest.mark.parametrize("curvature", ["gauss_newton", "hessian"])
+def test_leader_objective_advantages_and_curvature(leader_objective: str, actor_advantages: str, curvature: str) -> None:
+    model = BLPO(
+        "MlpPolicy",
+        "CartPole-v1",
+        leader_objective=leader_objective,
+        actor_advantages=actor_advantages,
+        ihvp_kwargs=dict(curvature=curvature),
+        **SMALL,
+    )
+    model.learn(128)
+    assert_finite_parameters(model)
+    values = assert_train_logs(model)
+    assert values["ihvp_clamped_cores"] >= 0.0
+    if curvature == "gauss_newton":
+        assert values["ihvp_clamped_cores"] == 0.0  # a Gauss–Newton core is positive semi-definite

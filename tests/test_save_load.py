@@ -82,22 +82,26 @@ def test_hyperparameters_restored(tmp_path: Path) -> None:
     critic_learning_rate = LinearSchedule(2e-3, 2e-4, 1.0)
     model = trained(
         ihvp_solver="cg",
-        ihvp_kwargs=dict(max_iter=7, damping=0.5),
+        ihvp_kwargs=dict(max_iter=7, damping=0.5, curvature="hessian"),
         n_critic_steps=2,
         critic_learning_rate=critic_learning_rate,
         hypergrad_bound=0.7,
         coupling="both",
         coupling_clip=0.3,
+        leader_objective="surrogate",
+        actor_advantages="rollout",
     )
     model.save(tmp_path / "model.zip")
     loaded = BLPO.load(tmp_path / "model.zip")
     assert loaded.ihvp_solver == "cg"
-    assert loaded.ihvp_kwargs == dict(max_iter=7, damping=0.5)
+    assert loaded.ihvp_kwargs == dict(max_iter=7, damping=0.5, curvature="hessian")
+    assert loaded._curvature == "hessian"
     assert isinstance(loaded._solver, ConjugateGradientSolver)
     assert (loaded._solver.max_iter, loaded._solver.damping) == (7, 0.5)
     assert loaded.n_critic_steps == 2
     assert loaded.hypergrad_bound == 0.7
     assert (loaded.coupling, loaded.coupling_clip) == ("both", 0.3)
+    assert (loaded.leader_objective, loaded.actor_advantages) == ("surrogate", "rollout")
     for progress in (1.0, 0.5, 0.0):
         assert loaded.critic_learning_rate(progress) == pytest.approx(critic_learning_rate(progress))
     assert loaded.policy.critic_optimizer.param_groups[0]["lr"] == model.policy.critic_optimizer.param_groups[0]["lr"]

@@ -241,6 +241,24 @@ def test_every_blpo_entry_builds(tmp_path, workdir, env_id):
         model.env.close()
 
 
+@pytest.mark.parametrize("env_id", BLPO_ENTRIES)
+def test_every_blpo_authors_entry_is_the_recipe_on_the_envs_rollout(tmp_path, workdir, env_id):
+    """blpo_authors.yml: every env of blpo.yml, BLPO.authors_recipe() on that entry's rollout shape."""
+    manager, model = build_experiment(tmp_path, "blpo", env_id, str(config_path("blpo_authors")))
+    try:
+        base = yaml.safe_load(config_path("blpo").read_text())[env_id]
+        kind = "discrete" if env_id in ("CartPole-v1", "Acrobot-v1", "LunarLander-v3") else "continuous"
+        recipe = BLPO.authors_recipe(kind)
+        for key, value in recipe.items():
+            if key != "policy_kwargs":
+                assert getattr(model, key) == value or getattr(model, key)(1.0) == value, key
+        assert model.policy.optimizer.defaults["eps"] == 1e-5
+        assert (model.n_envs, model.n_steps) == (base["n_envs"], base["n_steps"])
+        assert model.batch_size == model.n_steps  # one env trajectory per minibatch, as the authors
+    finally:
+        model.env.close()
+
+
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1", "Hopper-v5", "Walker2d-v5", "Acrobot-v1"])
 def test_every_ppo_plasticity_entry_builds(tmp_path, workdir, env_id):
     manager, model = build_experiment(tmp_path, "ppo", env_id, str(config_path("ppo_plasticity")))

@@ -67,8 +67,9 @@ print(json.dumps(totals))
 """
 
 
-def config_for(algo: str, out: Path) -> str:
-    return str(ppo_config(out)) if algo == "ppo" else str(REPO / "zoo_hyperparams" / "blpo.yml")
+def config_for(variant: str, out: Path) -> str:
+    algo, config, _ = VARIANTS[variant]
+    return str(ppo_config(out)) if algo == "ppo" else str(REPO / "zoo_hyperparams" / f"{config or 'blpo'}.yml")
 
 
 def ppo_entry(env_id: str, out: Path) -> dict:
@@ -79,7 +80,7 @@ def ppo_entry(env_id: str, out: Path) -> dict:
 
 def overrides_for(variant: str, comparison: str, env_id: str, out: Path) -> dict:
     overrides = {}
-    for item in VARIANTS[variant][1]:  # "key:python literal", as on rl-zoo3's command line
+    for item in VARIANTS[variant][2]:  # "key:python literal", as on rl-zoo3's command line
         key, value = item.split(":", 1)
         overrides[key] = eval(value)
     if comparison == "identical" and variant != "ppo":
@@ -93,7 +94,7 @@ def overrides_for(variant: str, comparison: str, env_id: str, out: Path) -> dict
 def timed_run(variant: str, env_id: str, steps: int, seed: int, comparison: str, work: Path) -> dict:
     algo = VARIANTS[variant][0]
     overrides = overrides_for(variant, comparison, env_id, work)
-    command = [sys.executable, "-c", RUNNER, algo, env_id, str(steps), str(seed), config_for(algo, work)]
+    command = [sys.executable, "-c", RUNNER, algo, env_id, str(steps), str(seed), config_for(variant, work)]
     command += [json.dumps(overrides), str(work / "logs")]
     out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
