@@ -44,7 +44,10 @@ CG_ITERATIONS = (1, 2, 5, 10, 20, 40, 64)
 CG_DAMPINGS = (0.1, 1.0, 10.0)
 CURVATURES = ("gauss_newton", "hessian")
 #: BLPO's default solver settings (``NystromSolver()`` and ``curvature="gauss_newton"``).
-DEFAULT = dict(rank=NystromSolver().rank, ridge="relative" if NystromSolver().relative_rho else "absolute", rho=NystromSolver().rho)
+_DEFAULT_SOLVER = NystromSolver()
+DEFAULT = dict(
+    rank=_DEFAULT_SOLVER.rank, ridge="relative" if _DEFAULT_SOLVER.relative_rho else "absolute", rho=_DEFAULT_SOLVER.rho
+)
 
 
 def blpo_config(entry: dict) -> dict:
@@ -90,68 +93,76 @@ def evaluate(env_id: str, steps: int, seed: int, draws: int) -> list[dict]:
     def correction(x: th.Tensor) -> th.Tensor:
         return hessian.mixed_product(actor, x.to(v.dtype)).detach().double()
 
+    rows = []
+    for curvature in CURVATURES:
+        rows += [
+            dict(env=env_id, curvature=curvature, **row)
+            for row in solver_rows(operators[curvature], v, direct, correction, draws)
+        ]
+        print(f"{env_id} ({curvature}): ‖∇θf‖ {direct.norm():.3g}, ‖∇w f‖ {v.norm():.3g}", flush=True)
+    return rows
+
+
+def solver_rows(operator, v: th.Tensor, direct: th.Tensor, correction, draws: int) -> list[dict]:
+    """Every solver setting on one curvature operator, against the exact damped correction at its ridge."""
+    matrix = operator.dense().double()
+    eigenvalues, eigenvectors = th.linalg.eigh((matrix + matrix.T) / 2)
+    v_eigen = eigenvectors.T @ v.double()
+    near_zero = int((eigenvalues.abs() < 1e-6 * eigenvalues.abs().max()).sum())
+    print(
+        f"  {len(v)} critic parameters, eigenvalues in [{eigenvalues[0]:.3g}, {eigenvalues[-1]:.3g}], "
+        f"mean diagonal {matrix.diagonal().mean():.3g}, {near_zero} below 1e-6·max|λ|",
+        flush=True,
+    )
+    exact_cache: dict[float, th.Tensor] = {}
+
+    def exact(rho: float) -> th.Tensor:
+        """``u*_ρ``: the correction with the exact ``(C + ρI)⁻¹ v`` (from the eigendecomposition)."""
+        if rho not in exact_cache:
+            exact_cache[rho] = correction(eigenvectors @ (v_eigen / (eigenvalues + rho)))
+        return exact_cache[rho]
+
     def rel(a: th.Tensor, b: th.Tensor) -> float:
         return float((a - b).norm() / b.norm()) if b.norm() > 0 else math.nan
 
     def cos(a: th.Tensor, b: th.Tensor) -> float:
         return float(th.nn.functional.cosine_similarity(a, b, dim=0))
 
-    rows = []
-    for curvature in CURVATURES:
-        operator = operators[curvature]
-        matrix = operator.dense().double()
-        eigenvalues, eigenvectors = th.linalg.eigh((matrix + matrix.T) / 2)
-        v_eigen = eigenvectors.T @ v.double()
-        near_zero = int((eigenvalues.abs() < 1e-6 * eigenvalues.abs().max()).sum())
-        print(
-            f"{env_id} ({curvature}): {len(v)} critic parameters, eigenvalues in [{eigenvalues[0]:.3g}, "
-            f"{eigenvalues[-1]:.3g}], mean diagonal {matrix.diagonal().mean():.3g}, {near_zero} below 1e-6·max|λ|; "
-            f"‖∇θf‖ {direct.norm():.3g}, ‖∇w f‖ {v.norm():.3g}",
-            flush=True,
+    def row(solver: str, ridge: str, rho: float, effective_rho: float, products: int, u: th.Tensor, **setting) -> dict:
+        reference = exact(effective_rho)
+        return dict(
+            solver=solver,
+            ridge=ridge,
+            rho=rho,
+            effective_rho=effective_rho,
+            **setting,
+            products=products,
+            norm_ratio=float(u.norm() / reference.norm()),
+            rel_error=rel(u, reference),
+            cosine=cos(u, reference),
+            hypergrad_cosine=cos(direct - u, direct - reference),
+            exact_correction_to_direct=float(reference.norm() / direct.norm()),
+            exact_correction_cosine_to_direct=cos(reference, direct),
         )
-        exact_cache: dict[float, th.Tensor] = {}
 
-        def exact(rho: float) -> th.Tensor:
-            """``u*_ρ``: the correction with the exact ``(C + ρI)⁻¹ v`` (from the eigendecomposition)."""
-            if rho not in exact_cache:
-                exact_cache[rho] = correction(eigenvectors @ (v_eigen / (eigenvalues + rho)))
-            return exact_cache[rho]
-
-        def row(solver: str, ridge: str, rho: float, effective_rho: float, products: int, u: th.Tensor, **setting) -> dict:
-            reference = exact(effective_rho)
-            return dict(
-                env=env_id,
-                curvature=curvature,
-                solver=solver,
-                ridge=ridge,
-                rho=rho,
-                effective_rho=effective_rho,
-                **setting,
-                products=products,
-                norm_ratio=float(u.norm() / reference.norm()),
-                rel_error=rel(u, reference),
-                cosine=cos(u, reference),
-                hypergrad_cosine=cos(direct - u, direct - reference),
-                exact_correction_to_direct=float(reference.norm() / direct.norm()),
-                exact_correction_cosine_to_direct=cos(reference, direct),
+    rows = []
+    for ridge, rhos in RIDGES.items():
+        for rho in rhos:
+            if ridge == "absolute":
+                # Rank 0, no curvature at all: x = v / ρ. What the sampled columns add is measured against this.
+                rows.append(row("identity", ridge, rho, rho, 0, correction(v / rho), rank=0))
+            for rank in RANKS:
+                for draw in range(draws):
+                    solver = NystromSolver(rank=rank, rho=rho, seed=draw, relative_rho=ridge == "relative")
+                    solved = solver.solve(operator, v)
+                    u = correction(solved.x)
+                    rows.append(row("nystrom", ridge, rho, solved.info["rho"], solved.n_products, u, rank=rank, draw=draw))
+    for damping in CG_DAMPINGS:
+        for iterations in CG_ITERATIONS:
+            solved = ConjugateGradientSolver(max_iter=iterations, damping=damping, tol=1e-10).solve(operator, v)
+            rows.append(
+                row("cg", "absolute", damping, damping, solved.n_products, correction(solved.x), iterations=iterations)
             )
-
-        for ridge, rhos in RIDGES.items():
-            for rho in rhos:
-                if ridge == "absolute":
-                    # Rank 0, no curvature at all: x = v / ρ. What the sampled columns add is measured against this.
-                    rows.append(row("identity", ridge, rho, rho, 0, correction(v / rho), rank=0))
-                for rank in RANKS:
-                    for draw in range(draws):
-                        solver = NystromSolver(rank=rank, rho=rho, seed=draw, relative_rho=ridge == "relative")
-                        solved = solver.solve(operator, v)
-                        u = correction(solved.x)
-                        rows.append(row("nystrom", ridge, rho, solved.info["rho"], solved.n_products, u, rank=rank, draw=draw))
-        for damping in CG_DAMPINGS:
-            for iterations in CG_ITERATIONS:
-                solved = ConjugateGradientSolver(max_iter=iterations, damping=damping, tol=1e-10).solve(operator, v)
-                u = correction(solved.x)
-                rows.append(row("cg", "absolute", damping, damping, solved.n_products, u, iterations=iterations))
     return rows
 
 

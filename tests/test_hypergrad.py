@@ -630,7 +630,9 @@ def test_gauss_newton_product_equals_the_explicit_matrix_and_the_hessian_at_a_pe
     assert operator.n_products == 5
     # Where the residuals vanish the Gauss–Newton matrix is the Hessian of the weighted MSE (targets = outputs).
     loss = (weights / 2 * (outputs.detach() - outputs) ** 2).sum()
-    th.testing.assert_close(GaussNewtonProduct(outputs, params, weights=weights).dense(), HessianVectorProduct(loss, params).dense())
+    th.testing.assert_close(
+        GaussNewtonProduct(outputs, params, weights=weights).dense(), HessianVectorProduct(loss, params).dense()
+    )
 
 
 def test_psd_nystrom_at_full_rank_equals_the_dense_damped_gauss_newton_solve():

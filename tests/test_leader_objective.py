@@ -247,7 +247,9 @@ def test_nested_steps_reach_the_point_where_the_ift_is_applied():
     ratios = model._rollout_ratios(rollout)
     assert float((ratios - 1).abs().max()) > 1e-3
     critic = model._critic_params
-    model.policy.critic_optimizer = th.optim.LBFGS(critic, lr=1.0, max_iter=200, history_size=50, line_search_fn="strong_wolfe")
+    model.policy.critic_optimizer = th.optim.LBFGS(
+        critic, lr=1.0, max_iter=200, history_size=50, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> th.Tensor:
         model.policy.critic_optimizer.zero_grad()
@@ -294,3 +296,17 @@ def test_bad_new_parameters_are_refused_at_construction(kwargs, name):
 def test_bad_recipe_kind_is_refused():
     with pytest.raises(ValueError, match="env_kind"):
         BLPO.authors_recipe("atari")
+
+
+def test_docs_recipe_snippet_runs():
+    """The python snippet of docs/blpo.md's "The authors' recipe" section builds the model it describes."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "blpo.md").read_text()
+    section = text[text.index("## The authors' recipe") :]
+    snippet = section[section.index("```python\n") + len("```python\n") :]
+    snippet = snippet[: snippet.index("```")]
+    namespace: dict = {}
+    exec(compile(snippet, "docs/blpo.md", "exec"), namespace)
+    model = namespace["model"]
+    assert isinstance(model, BLPO) and model.coupling == "authors_f2" and model.ihvp_kwargs["rho"] == 50.0

@@ -244,7 +244,7 @@ def test_every_blpo_entry_builds(tmp_path, workdir, env_id):
 @pytest.mark.parametrize("env_id", BLPO_ENTRIES)
 def test_every_blpo_authors_entry_is_the_recipe_on_the_envs_rollout(tmp_path, workdir, env_id):
     """blpo_authors.yml: every env of blpo.yml, BLPO.authors_recipe() on that entry's rollout shape."""
-    manager, model = build_experiment(tmp_path, "blpo", env_id, str(config_path("blpo_authors")))
+    _, model = build_experiment(tmp_path, "blpo", env_id, str(config_path("blpo_authors")))
     try:
         base = yaml.safe_load(config_path("blpo").read_text())[env_id]
         kind = "discrete" if env_id in ("CartPole-v1", "Acrobot-v1", "LunarLander-v3") else "continuous"

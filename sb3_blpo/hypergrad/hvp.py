@@ -209,9 +209,7 @@ class GaussNewtonProduct(CurvatureOperator):
     :param damping: ``λ`` added as ``(G + λI)v``.
     """
 
-    def __init__(
-        self, outputs: th.Tensor, params: Params, weights: th.Tensor | None = None, damping: float = 0.0
-    ) -> None:
+    def __init__(self, outputs: th.Tensor, params: Params, weights: th.Tensor | None = None, damping: float = 0.0) -> None:
         if outputs.dim() != 1:
             raise ValueError(f"outputs must be a flat (B,) tensor, got shape {tuple(outputs.shape)}")
         self.params = list(params)
