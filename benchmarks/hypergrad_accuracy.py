@@ -41,12 +41,25 @@ RANKS = (1, 2, 5, 10, 20, 40, 64)
 # Ridges: absolute values, and multiples of the sampled mean diagonal (``relative_rho=True``).
 RIDGES = {"absolute": (0.01, 0.1, 1.0, 10.0), "relative": (0.1, 1.0, 10.0, 100.0)}
 CG_ITERATIONS = (1, 2, 5, 10, 20, 40, 64)
+# Nyström variants (sketch, preconditioned-CG steps, ridge kind): the column sampling of the paper and the authors, the
+# Gaussian sketch, each with and without refinement, and the relative ridge with the default sketch and refinement.
+NYSTROM_SETTINGS = (
+    ("columns", 0, "absolute"),
+    ("columns", 2, "absolute"),
+    ("gaussian", 0, "absolute"),
+    ("gaussian", 2, "absolute"),
+    ("gaussian", 2, "relative"),
+)
 CG_DAMPINGS = (0.1, 1.0, 10.0)
 CURVATURES = ("gauss_newton", "hessian")
 #: BLPO's default solver settings (``NystromSolver()`` and ``curvature="gauss_newton"``).
 _DEFAULT_SOLVER = NystromSolver()
 DEFAULT = dict(
-    rank=_DEFAULT_SOLVER.rank, ridge="relative" if _DEFAULT_SOLVER.relative_rho else "absolute", rho=_DEFAULT_SOLVER.rho
+    rank=_DEFAULT_SOLVER.rank,
+    ridge="relative" if _DEFAULT_SOLVER.relative_rho else "absolute",
+    rho=_DEFAULT_SOLVER.rho,
+    sketch=_DEFAULT_SOLVER.sketch,
+    pcg_steps=_DEFAULT_SOLVER.pcg_steps,
 )
 
 
@@ -146,17 +159,20 @@ def solver_rows(operator, v: th.Tensor, direct: th.Tensor, correction, draws: in
         )
 
     rows = []
-    for ridge, rhos in RIDGES.items():
-        for rho in rhos:
-            if ridge == "absolute":
-                # Rank 0, no curvature at all: x = v / ρ. What the sampled columns add is measured against this.
-                rows.append(row("identity", ridge, rho, rho, 0, correction(v / rho), rank=0))
+    for rho in RIDGES["absolute"]:
+        # Rank 0, no curvature at all: x = v / ρ. What the sketch adds is measured against this.
+        rows.append(row("identity", "absolute", rho, rho, 0, correction(v / rho), rank=0))
+    for sketch, pcg_steps, ridge in NYSTROM_SETTINGS:
+        for rho in RIDGES[ridge]:
             for rank in RANKS:
                 for draw in range(draws):
-                    solver = NystromSolver(rank=rank, rho=rho, seed=draw, relative_rho=ridge == "relative")
+                    solver = NystromSolver(
+                        rank=rank, rho=rho, seed=draw, relative_rho=ridge == "relative", sketch=sketch, pcg_steps=pcg_steps
+                    )
                     solved = solver.solve(operator, v)
                     u = correction(solved.x)
-                    rows.append(row("nystrom", ridge, rho, solved.info["rho"], solved.n_products, u, rank=rank, draw=draw))
+                    setting = dict(rank=rank, draw=draw, sketch=sketch, pcg_steps=pcg_steps)
+                    rows.append(row("nystrom", ridge, rho, solved.info["rho"], solved.n_products, u, **setting))
     for damping in CG_DAMPINGS:
         for iterations in CG_ITERATIONS:
             solved = ConjugateGradientSolver(max_iter=iterations, damping=damping, tol=1e-10).solve(operator, v)
@@ -181,12 +197,18 @@ def plot(table: pd.DataFrame, out: Path) -> None:
     for column, env in enumerate(envs):
         rows = table[table["env"] == env]
         for metric, ax in (("rel_error", axes[0, column]), ("hypergrad_cosine", axes[1, column])):
-            for ridge, rhos in RIDGES.items():
-                for rho in rhos:
-                    sel = rows[(rows["solver"] == "nystrom") & (rows["ridge"] == ridge) & (rows["rho"] == rho)]
+            for sketch, pcg_steps, ridge in NYSTROM_SETTINGS:
+                for rho in (0.1, 1.0) if ridge == "absolute" else ():
+                    sel = rows[
+                        (rows["solver"] == "nystrom")
+                        & (rows["sketch"] == sketch)
+                        & (rows["pcg_steps"] == pcg_steps)
+                        & (rows["ridge"] == ridge)
+                        & (rows["rho"] == rho)
+                    ]
                     median = sel.groupby("products")[metric].median()
-                    style = "-" if ridge == "absolute" else ":"
-                    ax.plot(median.index, median.values, style, marker="o", ms=3, label=f"Nyström {_label(ridge, rho)}")
+                    label = f"Nyström {sketch}, {pcg_steps} PCG, {_label(ridge, rho)}"
+                    ax.plot(median.index, median.values, "-" if rho == 1.0 else ":", marker="o", ms=3, label=label)
             for damping in CG_DAMPINGS:
                 cg = rows[(rows["solver"] == "cg") & (rows["rho"] == damping)].groupby("products")[metric].median()
                 ax.plot(cg.index, cg.values, marker="s", ms=3, ls="--", label=f"CG damping {damping:g}")
@@ -204,20 +226,31 @@ def markdown(table: pd.DataFrame) -> str:
         "cos(∇θf − u, ∇θf − u*_ρ) | ‖u*_ρ‖ / ‖∇θf‖ |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    picks = [("identity", "absolute", 1.0, 0)]
-    picks += [("nystrom", "absolute", rho, k) for rho in (0.1, 1.0, 10.0) for k in (5, 20, 64)]
-    picks += [("nystrom", "relative", rho, k) for rho in (1.0, 10.0, 100.0) for k in (5, 20, 64)]
-    picks += [("cg", "absolute", damping, iterations) for damping in CG_DAMPINGS for iterations in (5, 20)]
+    picks: list[tuple[str, dict]] = [("identity", dict(ridge="absolute", rho=1.0, rank=0))]
+    for sketch, pcg_steps, ridge in NYSTROM_SETTINGS:
+        for rho in (0.1, 1.0, 10.0) if ridge == "absolute" else (10.0,):
+            for rank in (5, 20):
+                picks.append(("nystrom", dict(sketch=sketch, pcg_steps=pcg_steps, ridge=ridge, rho=rho, rank=rank)))
+    picks += [("cg", dict(rho=damping, iterations=iterations)) for damping in CG_DAMPINGS for iterations in (5, 7, 20)]
     for (env, curvature), rows in table.groupby(["env", "curvature"], sort=False):
-        for solver, ridge, rho, size in picks:
-            key = "iterations" if solver == "cg" else "rank"
-            sel = rows[(rows["solver"] == solver) & (rows["ridge"] == ridge) & (rows["rho"] == rho) & (rows[key] == size)]
+        for solver, setting in picks:
+            sel = rows[rows["solver"] == solver]
+            for key, value in setting.items():
+                sel = sel[sel[key] == value]
             if sel.empty:
                 continue
             med = sel.median(numeric_only=True)
-            setting = f"{size} iterations, damping {rho:g}" if solver == "cg" else f"rank {size}, {_label(ridge, rho)}"
+            if solver == "cg":
+                label = f"{setting['iterations']} iterations, damping {setting['rho']:g}"
+            elif solver == "identity":
+                label = "x = v/ρ, ρ 1"
+            else:
+                label = (
+                    f"{setting['sketch']}, {setting['pcg_steps']} PCG, rank {setting['rank']}, "
+                    f"{_label(setting['ridge'], setting['rho'])}"
+                )
             lines.append(
-                f"| {env} | {curvature} | {solver} | {setting} | {med['products']:.0f} | {med['norm_ratio']:.3g} | "
+                f"| {env} | {curvature} | {solver} | {label} | {med['products']:.0f} | {med['norm_ratio']:.3g} | "
                 f"{med['rel_error']:.3g} | {med['cosine']:.3f} | {med['hypergrad_cosine']:.3f} | "
                 f"{med['exact_correction_to_direct']:.3g} |"
             )
@@ -245,6 +278,8 @@ def main() -> None:
         & (table["rank"] == DEFAULT["rank"])
         & (table["ridge"] == DEFAULT["ridge"])
         & (table["rho"] == DEFAULT["rho"])
+        & (table["sketch"] == DEFAULT["sketch"])
+        & (table["pcg_steps"] == DEFAULT["pcg_steps"])
     ]
     columns = ["products", "norm_ratio", "cosine", "rel_error", "hypergrad_cosine", "exact_correction_to_direct"]
     print(f"\nNyström at BLPO's default ({DEFAULT}, Gauss–Newton), medians over draws:")

@@ -125,6 +125,9 @@ def test_mixed_product_matches_finite_differences():
 
 # --- Nyström -------------------------------------------------------------------------------------------------------
 
+#: The plain column-sampling Nyström of Hataya & Yamada (and the BLPO authors): one-hot sketch, no refinement.
+COLUMNS = dict(sketch="columns", pcg_steps=0)
+
 
 def test_nystrom_full_rank_tiny_rho_matches_dense():
     dim = 12
@@ -132,7 +135,7 @@ def test_nystrom_full_rank_tiny_rho_matches_dense():
     v = _randn(dim, seed=1)
     rho = 1e-8
     dense = DenseSolver(damping=rho).solve(_matrix_hvp(hessian), v)
-    result = NystromSolver(rank=dim, rho=rho, seed=0).solve(_matrix_hvp(hessian), v)
+    result = NystromSolver(rank=dim, rho=rho, seed=0, **COLUMNS).solve(_matrix_hvp(hessian), v)
     assert result.converged and dense.converged
     assert result.n_products == dim
     assert result.info["rank"] == dim
@@ -149,7 +152,7 @@ def test_nystrom_error_falls_with_rank():
             hessian = _sym_from_eigs(eigs, seed=seed)
             v = _randn(dim, seed=100 + seed)
             exact = th.linalg.solve(hessian + rho * th.eye(dim, dtype=DTYPE), v)
-            x = NystromSolver(rank=rank, rho=rho, seed=seed).solve(_matrix_hvp(hessian), v).x
+            x = NystromSolver(rank=rank, rho=rho, seed=seed, **COLUMNS).solve(_matrix_hvp(hessian), v).x
             errors.append(_rel_err(x, exact))
         return sum(errors) / len(errors)
 
@@ -177,7 +180,7 @@ def test_nystrom_samples_fresh_distinct_indices_in_one_batched_call():
     dim, rank = 20, 4
     hvp = _RecordingHVP(_sym_from_eigs(th.linspace(0.1, 2.0, dim), seed=3))
     v = _randn(dim, seed=4)
-    solver = NystromSolver(rank=rank, rho=0.5, seed=7)
+    solver = NystromSolver(rank=rank, rho=0.5, seed=7, **COLUMNS)
     first, second = solver.solve(hvp, v), solver.solve(hvp, v)
     assert len(hvp.calls) == 2  # one batched product per solve
     for call in range(2):
@@ -190,7 +193,7 @@ def test_nystrom_samples_fresh_distinct_indices_in_one_batched_call():
 
     # Same seed, same sequence; reseed restarts it.
     twin = _RecordingHVP(hvp.matrix)
-    other = NystromSolver(rank=rank, rho=0.5, seed=7)
+    other = NystromSolver(rank=rank, rho=0.5, seed=7, **COLUMNS)
     assert th.equal(other.solve(twin, v).x, first.x)
     assert th.equal(other.solve(twin, v).x, second.x)
     other.reseed(7)
@@ -212,7 +215,7 @@ def test_nystrom_jitter_equals_shifted_core_nystrom():
     hessian = _sym_from_eigs(th.linspace(0.05, 2.0, dim), seed=8)  # PSD: the clamping of the core plays no part
     v = _randn(dim, seed=9)
     hvp = _RecordingHVP(hessian)
-    result = NystromSolver(rank=rank, rho=rho, jitter=jitter, seed=2).solve(hvp, v)
+    result = NystromSolver(rank=rank, rho=rho, jitter=jitter, seed=2, **COLUMNS).solve(hvp, v)
     idx = hvp.indices(0)
     rows = hessian[idx, :]
     core = hessian[idx][:, idx] + jitter * th.eye(rank, dtype=DTYPE)
@@ -222,7 +225,7 @@ def test_nystrom_jitter_equals_shifted_core_nystrom():
     assert _rel_err(result.x, expected) < 1e-10
 
     # Without jitter the same indices give the plain Nyström inverse, which differs.
-    plain = NystromSolver(rank=rank, rho=rho, seed=2).solve(_matrix_hvp(hessian), v)
+    plain = NystromSolver(rank=rank, rho=rho, seed=2, **COLUMNS).solve(_matrix_hvp(hessian), v)
     plain_expected = th.linalg.solve(rows.T @ th.linalg.solve(hessian[idx][:, idx], rows) + rho * th.eye(dim, dtype=DTYPE), v)
     assert _rel_err(plain.x, plain_expected) < 1e-8
     assert _rel_err(plain.x, result.x) > 1e-3
@@ -233,7 +236,7 @@ def test_nystrom_singular_core_uses_the_pseudo_inverse(hessian: th.Tensor):
     """A singular core is no fault: its pseudo-inverse gives the Nyström matrix exactly (rank = P: H itself)."""
     dim = hessian.shape[0]
     v = _randn(dim, seed=10)
-    result = NystromSolver(rank=dim, rho=2.0, seed=0).solve(_matrix_hvp(hessian), v)
+    result = NystromSolver(rank=dim, rho=2.0, seed=0, **COLUMNS).solve(_matrix_hvp(hessian), v)
     assert result.converged and result.info["singular_core"] == 0.0 and result.info["clamped_core"] == 0.0
     expected = th.linalg.solve(hessian + 2.0 * th.eye(dim, dtype=DTYPE), v)
     assert _rel_err(result.x, expected) < 1e-10
@@ -247,7 +250,7 @@ def test_nystrom_psd_core_on_indefinite_hessian_is_the_psd_part():
     assert eigenvalues.min() < 0 < eigenvalues.max()
     positive_part = eigenvectors @ th.diag(eigenvalues.clamp(min=0.0)) @ eigenvectors.T
     v = _randn(dim, seed=4)
-    result = NystromSolver(rank=dim, rho=rho, seed=0).solve(_matrix_hvp(hessian), v)
+    result = NystromSolver(rank=dim, rho=rho, seed=0, **COLUMNS).solve(_matrix_hvp(hessian), v)
     assert result.info["clamped_core"] == 1.0
     assert _rel_err(result.x, th.linalg.solve(positive_part + rho * th.eye(dim, dtype=DTYPE), v)) < 1e-9
 
@@ -255,7 +258,7 @@ def test_nystrom_psd_core_on_indefinite_hessian_is_the_psd_part():
 def test_nystrom_relative_rho_scales_with_the_sampled_diagonal():
     hessian = 100.0 * _sym_from_eigs(th.linspace(0.2, 3.0, 6), seed=5)
     v = _randn(6, seed=6)
-    result = NystromSolver(rank=6, rho=0.1, relative_rho=True, seed=0).solve(_matrix_hvp(hessian), v)
+    result = NystromSolver(rank=6, rho=0.1, relative_rho=True, seed=0, **COLUMNS).solve(_matrix_hvp(hessian), v)
     expected_rho = 0.1 * float(hessian.diagonal().mean())
     assert result.info["rho"] == pytest.approx(expected_rho)
     assert _rel_err(result.x, th.linalg.solve(hessian + expected_rho * th.eye(6, dtype=DTYPE), v)) < 1e-9
@@ -263,12 +266,12 @@ def test_nystrom_relative_rho_scales_with_the_sampled_diagonal():
 
 def test_nystrom_jitter_rescues_singular_core():
     hessian = th.diag(th.tensor([1.0, 0.0, 2.0, 0.0], dtype=DTYPE))
-    result = NystromSolver(rank=4, rho=2.0, jitter=1.0, seed=0).solve(_matrix_hvp(hessian), _randn(4, seed=10))
+    result = NystromSolver(rank=4, rho=2.0, jitter=1.0, seed=0, **COLUMNS).solve(_matrix_hvp(hessian), _randn(4, seed=10))
     assert result.converged and result.info["singular_core"] == 0.0
 
 
 def test_nystrom_rank_capped_and_validate_dim():
-    solver = NystromSolver(rank=8, rho=1.0, seed=0)
+    solver = NystromSolver(rank=8, rho=1.0, seed=0, **COLUMNS)
     hessian = _sym_from_eigs(th.linspace(1.0, 2.0, 5), seed=11)
     result = solver.solve(_matrix_hvp(hessian), _randn(5, seed=12))
     assert result.info["rank"] == 5 and result.n_products == 5
@@ -278,10 +281,57 @@ def test_nystrom_rank_capped_and_validate_dim():
         solver.validate_dim(5)
 
 
+def test_gaussian_sketch_at_full_rank_is_exact_and_fresh_per_call():
+    dim, rho = 10, 0.3
+    hessian = _sym_from_eigs(th.linspace(0.05, 4.0, dim), seed=20)
+    v = _randn(dim, seed=21)
+    hvp = _RecordingHVP(hessian)
+    solver = NystromSolver(rank=dim, rho=rho, sketch="gaussian", pcg_steps=0, seed=3)
+    result = solver.solve(hvp, v)
+    assert _rel_err(result.x, th.linalg.solve(hessian + rho * th.eye(dim, dtype=DTYPE), v)) < 1e-9
+    basis = hvp.calls[0]
+    th.testing.assert_close(basis @ basis.T, th.eye(dim, dtype=DTYPE))  # orthonormal test vectors
+    solver.solve(hvp, v)
+    assert not th.allclose(hvp.calls[0], hvp.calls[1])
+
+
+@pytest.mark.parametrize("sketch", ["gaussian", "columns"])
+def test_pcg_refinement_converges_to_the_damped_solve(sketch: str):
+    """Preconditioned CG from zero: each step lowers the (H + ρI)-norm error, and enough steps reach the exact solve;
+    it costs one product per step on top of the sketch."""
+    dim, rank, rho = 14, 3, 0.05
+    hessian = _sym_from_eigs(2.0 ** -th.arange(dim, dtype=DTYPE) * 10, seed=22)
+    system = hessian + rho * th.eye(dim, dtype=DTYPE)
+    v = _randn(dim, seed=23)
+    exact = th.linalg.solve(system, v)
+
+    def energy_error(steps: int) -> float:
+        result = NystromSolver(rank=rank, rho=rho, sketch=sketch, pcg_steps=steps, seed=5).solve(_matrix_hvp(hessian), v)
+        assert result.n_products == rank + steps and result.info["pcg_steps"] == steps
+        error = result.x - exact
+        return float(error @ system @ error)
+
+    errors = [energy_error(steps) for steps in range(5)]
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(errors, errors[1:]))
+    assert errors[4] < 0.05 * errors[0]
+    assert energy_error(dim) < 1e-12 * errors[0]
+
+
+def test_pcg_stops_on_negative_curvature_with_the_nystrom_solution():
+    dim, rho = 6, 0.1
+    hessian = th.diag(th.tensor([-5.0, 1.0, 1.0, 2.0, 2.0, 3.0], dtype=DTYPE))
+    v = th.zeros(dim, dtype=DTYPE)
+    v[0] = 1.0
+    plain = NystromSolver(rank=3, rho=rho, pcg_steps=0, seed=1).solve(_matrix_hvp(hessian), v)
+    refined = NystromSolver(rank=3, rho=rho, pcg_steps=2, seed=1).solve(_matrix_hvp(hessian), v)
+    assert refined.info["negative_curvature"] == 1.0
+    th.testing.assert_close(refined.x, plain.x)
+
+
 def test_nystrom_keeps_float32_dtype():
     hessian = _sym_from_eigs(th.linspace(0.5, 2.0, 8), seed=13).float()
     v = _randn(8, seed=14).float()
-    result = NystromSolver(rank=3, rho=1.0, seed=0).solve(_matrix_hvp(hessian), v)
+    result = NystromSolver(rank=3, rho=1.0, seed=0, **COLUMNS).solve(_matrix_hvp(hessian), v)
     assert result.x.dtype == th.float32
 
 

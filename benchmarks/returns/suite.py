@@ -4,7 +4,9 @@ Every run is rl-zoo3's ``train`` through ``sb3-blpo-zoo`` (``python -m sb3_blpo.
 parallelise (``--jobs``) and use exactly the configs users get:
 
 * ``blpo``: ``zoo_hyperparams/blpo.yml`` with BLPO's defaults (improvement-form leader objective, target coupling,
-  Nyström rank 5, ρ = 1 on the Gauss–Newton curvature);
+  Gauss–Newton curvature, Nyström: Gaussian sketch of rank 5, ρ = 1, two preconditioned-CG steps);
+* ``blpo_columns`` / ``blpo_columns_rollout_adv``: the same with the plain column-sampling Nyström (no refinement),
+  the default's solver before the refinement; the second with ``actor_advantages="rollout"``;
 * ``blpo_nested``: the same entry with ``ihvp_solver=None`` (nested critic steps, plain actor gradient: the ablation);
 * ``blpo_rollout_adv``: the same entry with ``actor_advantages="rollout"``;
 * ``blpo_cg``: the same entry with ``ihvp_solver="cg"``;
@@ -71,7 +73,8 @@ PROFILES = {
     },
 }
 # variant: (algo, packaged config or None, -params overrides). History variants pin the settings of earlier defaults.
-_SURROGATE_HESSIAN = ["leader_objective:'surrogate'", "ihvp_kwargs:dict(curvature='hessian')"]
+_COLUMNS = "sketch='columns', pcg_steps=0"  # the plain column-sampling Nyström (the solver before the refinement)
+_SURROGATE_HESSIAN = ["leader_objective:'surrogate'", f"ihvp_kwargs:dict(curvature='hessian', {_COLUMNS})"]
 VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "blpo": ("blpo", None, []),
     "blpo_nested": ("blpo", None, ["ihvp_solver:None"]),
@@ -79,6 +82,8 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "blpo_cg": ("blpo", None, ["ihvp_solver:'cg'"]),
     "blpo_authors": ("blpo", "blpo_authors", []),
     "ppo": ("ppo", None, []),
+    "blpo_columns": ("blpo", None, [f"ihvp_kwargs:dict({_COLUMNS})"]),
+    "blpo_columns_rollout_adv": ("blpo", None, [f"ihvp_kwargs:dict({_COLUMNS})", "actor_advantages:'rollout'"]),
     "blpo_distribution": ("blpo", None, [*_SURROGATE_HESSIAN, "coupling:'distribution'"]),
     "blpo_target": ("blpo", None, [*_SURROGATE_HESSIAN, "coupling:'target'"]),
     "blpo_cg_target": ("blpo", None, ["ihvp_solver:'cg'", *_SURROGATE_HESSIAN, "coupling:'target'"]),
@@ -90,6 +95,8 @@ LABELS = {
     "blpo_rollout_adv": "BLPO, rollout advantages",
     "blpo_cg": "BLPO (CG)",
     "blpo_authors": "BLPO, authors' recipe",
+    "blpo_columns": "BLPO, column Nyström without refinement",
+    "blpo_columns_rollout_adv": "BLPO, column Nyström without refinement, rollout advantages",
     "ppo": "PPO (zoo)",
     "blpo_distribution": "BLPO, surrogate + distribution coupling (previous default)",
     "blpo_target": "BLPO (Nyström), target coupling",

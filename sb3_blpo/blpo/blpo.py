@@ -381,8 +381,8 @@ class BLPO(OnPolicyAlgorithm):
         """Keyword arguments that reproduce the BLPO authors' public code (arXiv:2505.11714), not our default.
 
         The plain PPO surrogate as leader objective (no advantage normalisation, no entropy bonus), their prefix-mean
-        surrogate f2 for the mixed term (``CLIP_F`` 0.5), the Hessian of the critic MSE inverted by Nyström with rank
-        5, the ``+I`` core (jitter 1) and ρ = 50, their learning rates, nested steps and bound (their later configs:
+        surrogate f2 for the mixed term (``CLIP_F`` 0.5), the Hessian of the critic MSE inverted by column-sampling
+        Nyström with rank 5 (no refinement), the ``+I`` core (jitter 1) and ρ = 50, their learning rates, nested steps and bound (their later configs:
         bound 1.0 everywhere; 5 nested steps for discrete, 3 for continuous control), 4 epochs, γ 0.99, λ 0.95, clip
         0.2, no gradient clipping and Adam's ε = 1e-5. Rollout shape (``n_envs``, ``n_steps``, ``batch_size``) is the
         env's: they used one trajectory per minibatch. Usage: ``BLPO("MlpPolicy", env, **BLPO.authors_recipe("discrete"))``.
@@ -408,7 +408,7 @@ class BLPO(OnPolicyAlgorithm):
             coupling=AUTHORS_F2,
             coupling_clip=0.5,
             ihvp_solver="nystrom",
-            ihvp_kwargs=dict(rank=5, rho=50.0, jitter=1.0, curvature="hessian"),
+            ihvp_kwargs=dict(rank=5, rho=50.0, jitter=1.0, sketch="columns", pcg_steps=0, curvature="hessian"),
             hypergrad_bound=1.0,
             policy_kwargs=dict(optimizer_kwargs=dict(eps=1e-5)),
         )

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch as th
 
-from sb3_blpo._validation import InvalidParameterError, check_float, check_int
+from sb3_blpo._validation import InvalidParameterError, check_float, check_int, check_one_of
 
 HVP = Callable[[th.Tensor], th.Tensor]
 
@@ -99,47 +99,66 @@ class IHVPSolver(abc.ABC):
 
 
 class NystromSolver(IHVPSolver):
-    """Nyström IHVP (Hataya & Yamada 2023): a rank-``k`` column-sampled approximation inverted by Woodbury, with a
-    positive semi-definite core.
+    """Nyström IHVP (Hataya & Yamada 2023): a rank-``k`` sketch of the curvature inverted by Woodbury, with a positive
+    semi-definite core, optionally refined by a few steps of Nyström-preconditioned conjugate gradient.
 
-    Each call samples ``k = min(rank, P)`` distinct coordinates ``K`` uniformly without replacement (fresh ones
-    every call, from the solver's own seeded generator), gets the rows ``C = H[K, :]`` (``k x P``) with one batched
-    product on the one-hot vectors and takes the core ``M = H[K, K] + jitter·I`` (symmetrised). The Nyström
-    approximation is ``Ĥ = Cᵀ M⁺ C`` and the result is ``x = (Ĥ + ρI)⁻¹ v``.
+    **Sketch.** Each call draws a fresh ``P x k`` test matrix ``Ω`` (``k = min(rank, P)``) from the solver's own seeded
+    generator: ``sketch="columns"`` takes ``k`` distinct coordinates uniformly without replacement (one-hot columns:
+    the column-sampling Nyström of Hataya & Yamada and the BLPO authors), ``sketch="gaussian"`` an orthonormalised
+    Gaussian matrix (randomized Nyström, Tropp et al.), which captures the dominant eigenspace of a curvature whose
+    mass is spread over many coordinates far better at the same cost. One batched product gives ``Y = HΩ``; the core
+    is ``M = ΩᵀHΩ + jitter·I`` (symmetrised) and the Nyström matrix ``Ĥ = Y M⁺ Yᵀ``.
 
     **PSD core.** A neural critic's Hessian is indefinite, and so is ``M``; a Woodbury solve with an indefinite core can
     return a vector many times too long with no warning (measured on real critic Hessians: 40–110× the accurate
     solution). So ``M = QΛQᵀ`` is eigendecomposed in float64, negative eigenvalues are clamped to zero and the
-    pseudo-inverse keeps the eigenvalues above ``τ = 1e-10·max|λ|``; with ``B = Λ₊^{-1/2} Q₊ᵀ C`` (so ``Ĥ = BᵀB ⪰ 0``)
+    pseudo-inverse keeps the eigenvalues above ``τ = 1e-10·max|λ|``; with ``B = Λ₊^{-1/2} Q₊ᵀ Yᵀ`` (so ``Ĥ = BᵀB ⪰ 0``)
 
-        x = v/ρ − Bᵀ (ρI + BBᵀ)⁻¹ B v / ρ,
+        (Ĥ + ρI)⁻¹ v = v/ρ − Bᵀ (ρI + BBᵀ)⁻¹ B v / ρ,
 
-    a positive-definite ``r x r`` solve. ``info["clamped_core"]`` is 1.0 when an eigenvalue below ``−τ`` was clamped. With
-    a PSD ``H`` (e.g. :class:`~sb3_blpo.hypergrad.hvp.GaussNewtonProduct`), ``jitter = 0`` and ``rank = P`` the result
-    is exactly ``(H + ρI)⁻¹ v``; with an indefinite ``H`` it is ``(H₊ + ρI)⁻¹ v``, ``H₊`` the PSD part of ``H``.
+    a positive-definite ``r x r`` solve. ``info["clamped_core"]`` is 1.0 when an eigenvalue below ``−τ`` was clamped.
+    With a PSD ``H`` (e.g. :class:`~sb3_blpo.hypergrad.hvp.GaussNewtonProduct`), ``jitter = 0`` and ``rank = P`` the
+    result is exactly ``(H + ρI)⁻¹ v``; with an indefinite ``H`` it is ``(H₊ + ρI)⁻¹ v``, ``H₊`` the PSD part of ``H``.
 
-    ``jitter > 0`` shifts the core to ``M + jitter·I``, which shrinks the low-rank curvature so that the result moves
-    towards ``v/ρ``. The BLPO authors' code used ``jitter = 1`` (an identity inside the solve) with ``ρ = 50``.
+    **Refinement.** With ``pcg_steps = m > 0`` the solver runs ``m`` iterations of conjugate gradient on
+    ``(H + ρI)x = v`` from ``x = 0``, preconditioned by ``(Ĥ + ρI)⁻¹``: one product each, so ``rank + m`` products in
+    all. The first iterate is the Nyström solution optimally rescaled; each further one minimises the error in the
+    ``(H + ρI)``-norm over a larger space that contains it. A non-positive curvature ``pᵀ(H + ρI)p`` (an indefinite
+    ``H``) stops the refinement at the last iterate (the Nyström solution if it happens at the first step) with
+    ``info["negative_curvature"] = 1.0``.
+
+    ``jitter > 0`` shifts the core to ``M + jitter·I``, which shrinks the low-rank curvature so that the Nyström solution
+    moves towards ``v/ρ``. The BLPO authors' code used column sampling with ``jitter = 1`` and ``ρ = 50``.
 
     **Ridge.** ``ρ`` is added to ``H``, not a small damping: with ``ρ`` large against the curvature the result is close
-    to ``v/ρ``. With ``relative_rho=True`` the ridge is ``rho · s`` with ``s`` the mean of the sampled diagonal
-    ``|H[K, K]|`` (an unbiased estimate of ``tr(H)/P`` for a PSD ``H``), so one setting serves critics whose curvature
-    differs by orders of magnitude; ``s = 1`` when the sampled diagonal is zero. The ridge used is ``info["rho"]``.
+    to ``v/ρ``. With ``relative_rho=True`` the ridge is ``rho · s`` with ``s`` the mean diagonal ``|ΩᵀHΩ|``/k (an
+    estimate of ``tr(H)/P``), so one setting serves critics whose curvature differs by orders of magnitude; ``s = 1``
+    when it is zero. The ridge used is ``info["rho"]``.
 
-    If the core solve produces non-finite values the solver returns ``x = v/ρ`` (the ridge-only inverse) with
+    If the solve produces non-finite values the solver returns ``x = v/ρ`` (the ridge-only inverse) with
     ``converged=False`` and ``info["singular_core"] = 1.0``.
 
-    :param rank: number of sampled coordinates ``k`` (capped at ``P`` per call; see :meth:`validate_dim`).
+    :param rank: sketch size ``k`` (capped at ``P`` per call; see :meth:`validate_dim`).
     :param rho: ridge ``ρ > 0`` (a multiple of the sampled curvature scale with ``relative_rho``).
     :param jitter: ``>= 0`` added to the core's diagonal.
     :param seed: seed of the solver's own CPU generator; ``None`` seeds it non-deterministically.
-    :param relative_rho: scale ``rho`` by the mean sampled diagonal of ``H``.
+    :param relative_rho: scale ``rho`` by the mean sketched diagonal of ``H``.
+    :param sketch: ``"gaussian"`` (default) or ``"columns"``.
+    :param pcg_steps: preconditioned-CG refinement steps ``>= 0`` (one product each).
     """
 
     name: ClassVar[str] = "nystrom"
+    SKETCHES: ClassVar[tuple[str, ...]] = ("gaussian", "columns")
 
     def __init__(
-        self, rank: int = 5, rho: float = 1.0, jitter: float = 0.0, seed: int | None = None, relative_rho: bool = False
+        self,
+        rank: int = 5,
+        rho: float = 1.0,
+        jitter: float = 0.0,
+        seed: int | None = None,
+        relative_rho: bool = False,
+        sketch: str = "gaussian",
+        pcg_steps: int = 2,
     ) -> None:
         self._rank = check_int("rank", rank, minimum=1)
         self.rho = check_float("rho", rho, minimum=0.0, allow_minimum=False)
@@ -148,6 +167,8 @@ class NystromSolver(IHVPSolver):
         if not isinstance(relative_rho, bool):
             raise InvalidParameterError(f"relative_rho must be True or False, got {relative_rho!r}")
         self.relative_rho = relative_rho
+        self.sketch = check_one_of("sketch", sketch, self.SKETCHES)
+        self.pcg_steps = check_int("pcg_steps", pcg_steps, minimum=0)
         self._generator = th.Generator()
         if self.seed is None:
             self._generator.seed()
@@ -156,11 +177,11 @@ class NystromSolver(IHVPSolver):
 
     @property
     def rank(self) -> int:
-        """The requested number of sampled coordinates."""
+        """The requested sketch size."""
         return self._rank
 
     def reseed(self, seed: int) -> None:
-        """Restart the coordinate sampling from ``seed`` (the same seed gives the same sequence of index sets)."""
+        """Restart the sketching from ``seed`` (the same seed gives the same sequence of test matrices)."""
         self.seed = _check_seed("seed", seed)
         self._generator.manual_seed(self.seed)
 
@@ -170,38 +191,86 @@ class NystromSolver(IHVPSolver):
         if self._rank > dim:
             raise ValueError(f"rank ({self._rank}) must not exceed the number of parameters ({dim})")
 
+    def _test_matrix(self, dim: int, k: int, like: th.Tensor) -> th.Tensor:
+        """``Ωᵀ`` as ``(k, P)`` rows, drawn on the CPU generator (a CUDA ``v`` must not need a CUDA generator)."""
+        if self.sketch == "columns":
+            indices = th.randperm(dim, generator=self._generator)[:k]
+            basis = th.zeros(k, dim, dtype=like.dtype)
+            basis[th.arange(k), indices] = 1.0
+        else:
+            gaussian = th.randn(dim, k, generator=self._generator, dtype=th.float64)
+            basis = th.linalg.qr(gaussian).Q.T.to(like.dtype)
+        return basis.to(like.device)
+
     def solve(self, hvp: HVP, v: th.Tensor) -> IHVPResult:
         _check_vector(v)
-        dim = v.numel()
-        k = min(self._rank, dim)
-        # randperm on the CPU generator, then move: a CUDA v must not need a CUDA generator.
-        indices = th.randperm(dim, generator=self._generator)[:k].to(v.device)
-        basis = v.new_zeros(k, dim)
-        basis[th.arange(k, device=v.device), indices] = 1.0
-        rows = _product(hvp, basis).to(th.float64)
+        k = min(self._rank, v.numel())
+        basis = self._test_matrix(v.numel(), k, v)
+        rows = _product(hvp, basis).to(th.float64)  # (HΩ)ᵀ
         v64 = v.detach().to(th.float64)
 
-        core = rows[:, indices]
+        core = rows @ basis.to(th.float64).T
         core = 0.5 * (core + core.T)
         rho = self.rho
         if self.relative_rho:
             scale = float(core.diagonal().abs().mean())
             rho = self.rho * (scale if scale > 0.0 and math.isfinite(scale) else 1.0)
-        info = {"rank": float(k), "singular_core": 0.0, "clamped_core": 0.0, "rho": rho}
+        info = {"rank": float(k), "singular_core": 0.0, "clamped_core": 0.0, "negative_curvature": 0.0, "rho": rho}
         eigenvalues, eigenvectors = th.linalg.eigh(core + self.jitter * th.eye(k, dtype=th.float64, device=v.device))
         # Eigenvalues within rounding of zero (a rank-deficient PSD core) are dropped, not counted as clamped.
         tolerance = 1e-10 * float(eigenvalues.abs().max())
         info["clamped_core"] = float(bool((eigenvalues < -tolerance).any()))
         keep = eigenvalues > tolerance
-        # B = Λ₊^{-1/2} Q₊ᵀ C: the Nyström matrix is BᵀB, positive semi-definite by construction.
+        # B = Λ₊^{-1/2} Q₊ᵀ Yᵀ: the Nyström matrix is BᵀB, positive semi-definite by construction.
         sketch = (eigenvectors[:, keep] / eigenvalues[keep].sqrt()).T @ rows
         gram = sketch @ sketch.T + rho * th.eye(sketch.shape[0], dtype=th.float64, device=v.device)
-        y, status = th.linalg.solve_ex(gram, (sketch @ v64).unsqueeze(-1))
-        x = (v64 - sketch.T @ y.squeeze(-1)) / rho
+        factor, status = th.linalg.cholesky_ex(gram)
+
+        def nystrom_inverse(vector: th.Tensor) -> th.Tensor:
+            """``(Ĥ + ρI)⁻¹ vector`` by Woodbury."""
+            inner = th.cholesky_solve((sketch @ vector).unsqueeze(-1), factor).squeeze(-1)
+            return (vector - sketch.T @ inner) / rho
+
+        x = nystrom_inverse(v64)
+        n_products = k
+        if int(status.item()) == 0 and bool(th.isfinite(x).all()) and self.pcg_steps:
+            x, steps, negative = self._refine(hvp, v64, rho, nystrom_inverse, x, v.dtype)
+            n_products += steps
+            info["negative_curvature"] = float(negative)
+        info["pcg_steps"] = float(n_products - k)
         if int(status.item()) != 0 or not bool(th.isfinite(x).all()):
             info["singular_core"] = 1.0
-            return IHVPResult(x=(v64 / rho).to(v.dtype), n_products=k, converged=False, info=info)
-        return IHVPResult(x=x.to(v.dtype), n_products=k, converged=True, info=info)
+            return IHVPResult(x=(v64 / rho).to(v.dtype), n_products=n_products, converged=False, info=info)
+        return IHVPResult(x=x.to(v.dtype), n_products=n_products, converged=True, info=info)
+
+    def _refine(
+        self,
+        hvp: HVP,
+        v64: th.Tensor,
+        rho: float,
+        precondition: Callable[[th.Tensor], th.Tensor],
+        nystrom_solution: th.Tensor,
+        dtype: th.dtype,
+    ) -> tuple[th.Tensor, int, bool]:
+        """Preconditioned CG on ``(H + ρI)x = v`` from zero: ``(x, products spent, stopped on non-positive curvature)``."""
+        x = th.zeros_like(v64)
+        residual = v64.clone()
+        direction = nystrom_solution.clone()  # = precondition(v)
+        residual_dot = float(residual @ direction)
+        for step in range(self.pcg_steps):
+            product = _product(hvp, direction.to(dtype)).to(th.float64) + rho * direction
+            curvature = float(direction @ product)
+            if not math.isfinite(curvature) or curvature <= 0.0:
+                return (nystrom_solution if step == 0 else x), step + 1, True
+            alpha = residual_dot / curvature
+            x = x + alpha * direction
+            residual = residual - alpha * product
+            if step + 1 < self.pcg_steps:
+                preconditioned = precondition(residual)
+                new_residual_dot = float(residual @ preconditioned)
+                direction = preconditioned + (new_residual_dot / residual_dot) * direction
+                residual_dot = new_residual_dot
+        return x, self.pcg_steps, False
 
 
 class ConjugateGradientSolver(IHVPSolver):
