@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -312,7 +313,7 @@ def test_pcg_refinement_converges_to_the_damped_solve(sketch: str):
         return float(error @ system @ error)
 
     errors = [energy_error(steps) for steps in range(5)]
-    assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(errors, errors[1:]))
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in itertools.pairwise(errors))
     assert errors[4] < 0.05 * errors[0]
     assert energy_error(dim) < 1e-12 * errors[0]
 

@@ -46,6 +46,7 @@ BLPO_KEYS = ("value_loss_before_nested", "seconds_update", "seconds_nested_criti
 IHVP_KEYS = (
     "hypergrad_norm",
     "ihvp_correction_norm",
+    "correction_ratio",
     "correction_cosine",
     "correction_bounded_fraction",
     "ihvp_fallbacks",

@@ -5,8 +5,9 @@ parallelise (``--jobs``) and use exactly the configs users get:
 
 * ``blpo``: ``zoo_hyperparams/blpo.yml`` with BLPO's defaults (improvement-form leader objective, target coupling,
   Gauss–Newton curvature, Nyström: Gaussian sketch of rank 5, ρ = 1, two preconditioned-CG steps);
-* ``blpo_columns`` / ``blpo_columns_rollout_adv``: the same with the plain column-sampling Nyström (no refinement),
-  the default's solver before the refinement; the second with ``actor_advantages="rollout"``;
+* ``blpo_coupled_follower`` / ``blpo_mse_follower``: the same with ``follower_objective`` pinned;
+* ``blpo_columns`` / ``blpo_columns_rollout_adv``: the coupled follower with the plain column-sampling Nyström (no
+  refinement), the solver before the refinement; the second with ``actor_advantages="rollout"``;
 * ``blpo_nested``: the same entry with ``ihvp_solver=None`` (nested critic steps, plain actor gradient: the ablation);
 * ``blpo_rollout_adv``: the same entry with ``actor_advantages="rollout"``;
 * ``blpo_cg``: the same entry with ``ihvp_solver="cg"``;
@@ -82,8 +83,14 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "blpo_cg": ("blpo", None, ["ihvp_solver:'cg'"]),
     "blpo_authors": ("blpo", "blpo_authors", []),
     "ppo": ("ppo", None, []),
-    "blpo_columns": ("blpo", None, [f"ihvp_kwargs:dict({_COLUMNS})"]),
-    "blpo_columns_rollout_adv": ("blpo", None, [f"ihvp_kwargs:dict({_COLUMNS})", "actor_advantages:'rollout'"]),
+    "blpo_coupled_follower": ("blpo", None, ["follower_objective:'coupled'"]),
+    "blpo_mse_follower": ("blpo", None, ["follower_objective:'mse'"]),
+    "blpo_columns": ("blpo", None, [f"ihvp_kwargs:dict({_COLUMNS})", "follower_objective:'coupled'"]),
+    "blpo_columns_rollout_adv": (
+        "blpo",
+        None,
+        [f"ihvp_kwargs:dict({_COLUMNS})", "actor_advantages:'rollout'", "follower_objective:'coupled'"],
+    ),
     "blpo_distribution": ("blpo", None, [*_SURROGATE_HESSIAN, "coupling:'distribution'"]),
     "blpo_target": ("blpo", None, [*_SURROGATE_HESSIAN, "coupling:'target'"]),
     "blpo_cg_target": ("blpo", None, ["ihvp_solver:'cg'", *_SURROGATE_HESSIAN, "coupling:'target'"]),
@@ -95,6 +102,8 @@ LABELS = {
     "blpo_rollout_adv": "BLPO, rollout advantages",
     "blpo_cg": "BLPO (CG)",
     "blpo_authors": "BLPO, authors' recipe",
+    "blpo_coupled_follower": "BLPO, coupled follower",
+    "blpo_mse_follower": "BLPO, MSE follower",
     "blpo_columns": "BLPO, column Nyström without refinement",
     "blpo_columns_rollout_adv": "BLPO, column Nyström without refinement, rollout advantages",
     "ppo": "PPO (zoo)",
@@ -184,22 +193,31 @@ def training_return(log_dir: Path) -> float:
 
 
 def summary(args: argparse.Namespace) -> str:
-    """Markdown table of the finished runs: final evaluation and training return, mean ± sd over seeds."""
-    lines = ["| env | variant | seeds | final evaluation | training return (last 20 episodes) |", "|---|---|---|---|---|"]
+    """Markdown tables of the finished runs, env × variant: the training return (last 20 episodes) and the final
+    evaluation, each as mean ± sd over seeds (number of seeds in brackets)."""
+    cells: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for env_id in args.envs:
         for variant in args.variants:
-            finals, trains = [], []
             for seed in args.seeds:
                 path = csv_path(args.out, env_id, variant, seed)
                 if path.exists():
                     with open(path) as handle:
                         last = list(csv.DictReader(handle))[-1]
-                    finals.append(float(last["mean_return"]))
-                    trains.append(float(last.get("train_return") or math.nan))
-            if finals:
-                cells = [f"{np.mean(x):.1f} ± {np.std(x, ddof=1) if len(x) > 1 else 0.0:.1f}" for x in (finals, trains)]
-                lines.append(f"| {env_id} | {LABELS[variant]} | {len(finals)} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
+                    train = float(last.get("train_return") or math.nan)
+                    cells.setdefault((env_id, variant), []).append((train, float(last["mean_return"])))
+    tables = []
+    for title, column in (("training return, last 20 episodes", 0), ("final evaluation", 1)):
+        lines = [f"| env ({title}) | " + " | ".join(LABELS[v] for v in args.variants) + " |"]
+        lines.append("|---" * (len(args.variants) + 1) + "|")
+        for env_id in args.envs:
+            row = []
+            for variant in args.variants:
+                values = [pair[column] for pair in cells.get((env_id, variant), [])]
+                spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
+                row.append(f"{np.mean(values):.1f} ± {spread:.1f} ({len(values)})" if values else "–")
+            lines.append(f"| {env_id} | " + " | ".join(row) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def run(env_id: str, variant: str, seed: int, steps: int, args: argparse.Namespace) -> str:

@@ -59,6 +59,8 @@ BLPO_COUPLINGS: tuple[str, ...] = (*COUPLING_MODES, AUTHORS_F2)
 CURVATURES: tuple[str, ...] = ("gauss_newton", "hessian")
 #: Accepted ``actor_advantages`` values.
 ACTOR_ADVANTAGES: tuple[str, ...] = ("recomputed", "rollout")
+#: Accepted ``follower_objective`` values: what the nested critic steps minimise.
+FOLLOWER_OBJECTIVES: tuple[str, ...] = ("coupled", "mse")
 
 
 def _select(observations: PyTorchObs, index: th.Tensor) -> PyTorchObs:
@@ -203,6 +205,10 @@ class BLPO(OnPolicyAlgorithm):
         objective is identically zero with a best-responding critic (its hypergradient reverses the policy gradient)
     :param actor_advantages: Advantages in the direct term ``∇θf``: ``"recomputed"`` (GAE from the critic after its
         nested steps) or ``"rollout"`` (PPO's fixed rollout advantages; ``Â(w)`` is kept only where ``∇w f`` needs it)
+    :param follower_objective: What the nested critic steps minimise, i.e. where the implicit function theorem is
+        applied: ``"coupled"`` (``g̃(θ, ·)`` at the current actor, the same objective whose derivatives the hypergradient
+        uses) or ``"mse"`` (the plain MSE ``g̃(θ_old, ·)``: the theorem at the rollout policy, to first order in
+        ``θ − θ_old``). Ignored by the nested-only ablation, whose follower is the MSE
     :param coupling: Which actor dependence of the follower objective gives the mixed term: ``"target"`` (how the
         critic's targets move with the policy; default), ``"distribution"`` (how the visited states move with it),
         ``"both"``, or ``"authors_f2"`` (the authors' prefix-mean surrogate f2 for the mixed term, with the plain MSE as
@@ -251,6 +257,7 @@ class BLPO(OnPolicyAlgorithm):
         hypergrad_bound: float = 1.0,
         leader_objective: LeaderObjective = "improvement",
         actor_advantages: str = "recomputed",
+        follower_objective: str = "coupled",
         coupling: CouplingMode = "target",
         coupling_clip: float = 0.2,
         stats_window_size: int = 100,
@@ -298,6 +305,7 @@ class BLPO(OnPolicyAlgorithm):
         self.hypergrad_bound = hypergrad_bound
         self.leader_objective = leader_objective
         self.actor_advantages = actor_advantages
+        self.follower_objective = follower_objective
         self.coupling = coupling
         self.coupling_clip = coupling_clip
         self._check_hyperparameters()
@@ -318,6 +326,7 @@ class BLPO(OnPolicyAlgorithm):
         check_one_of("coupling", self.coupling, BLPO_COUPLINGS)
         check_one_of("leader_objective", self.leader_objective, LEADER_OBJECTIVES)
         check_one_of("actor_advantages", self.actor_advantages, ACTOR_ADVANTAGES)
+        check_one_of("follower_objective", self.follower_objective, FOLLOWER_OBJECTIVES)
         curvature, solver_kwargs = self._split_ihvp_kwargs()
         check_one_of("ihvp_kwargs['curvature']", curvature, CURVATURES)
         for name in ("learning_rate", "critic_learning_rate", "clip_range"):
@@ -382,10 +391,11 @@ class BLPO(OnPolicyAlgorithm):
 
         The plain PPO surrogate as leader objective (no advantage normalisation, no entropy bonus), their prefix-mean
         surrogate f2 for the mixed term (``CLIP_F`` 0.5), the Hessian of the critic MSE inverted by column-sampling
-        Nyström with rank 5 (no refinement), the ``+I`` core (jitter 1) and ρ = 50, their learning rates, nested steps and bound (their later configs:
-        bound 1.0 everywhere; 5 nested steps for discrete, 3 for continuous control), 4 epochs, γ 0.99, λ 0.95, clip
-        0.2, no gradient clipping and Adam's ε = 1e-5. Rollout shape (``n_envs``, ``n_steps``, ``batch_size``) is the
-        env's: they used one trajectory per minibatch. Usage: ``BLPO("MlpPolicy", env, **BLPO.authors_recipe("discrete"))``.
+        Nyström with rank 5 (no refinement), the ``+I`` core (jitter 1) and ρ = 50, their learning rates, nested steps
+        and bound (their later configs: bound 1.0 everywhere; 5 nested steps for discrete, 3 for continuous control),
+        4 epochs, γ 0.99, λ 0.95, clip 0.2, no gradient clipping and Adam's ε = 1e-5. Rollout shape (``n_envs``,
+        ``n_steps``, ``batch_size``) is the env's: they used one trajectory per minibatch. Usage:
+        ``BLPO("MlpPolicy", env, **BLPO.authors_recipe("discrete"))``.
 
         :param env_kind: ``"discrete"`` (their gymnax settings: CartPole, Acrobot) or ``"continuous"`` (Brax settings)
         :return: a fresh dict of keyword arguments
@@ -482,7 +492,8 @@ class BLPO(OnPolicyAlgorithm):
                 # by the mixed term. θ does not move during the nested steps, so one forward pass serves both.
                 ratios = self._rollout_ratios(rollout) if self._solver is not None else None
                 nested_started = time.perf_counter()
-                stats["value_loss_before_nested"].append(self._nested_critic_steps(rollout, batch, ratios))
+                follower_ratios = ratios if self.follower_objective == "coupled" else None
+                stats["value_loss_before_nested"].append(self._nested_critic_steps(rollout, batch, follower_ratios))
                 stats["seconds_nested_critic"].append(time.perf_counter() - nested_started)
                 actor_loss, approx_kl = self._actor_objective(rollout, batch, clip_range, stats)
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
@@ -588,7 +599,8 @@ class BLPO(OnPolicyAlgorithm):
 
     def _nested_critic_steps(self, rollout: _Rollout, batch: _Minibatch, ratios: th.Tensor | None) -> float:
         """``n_critic_steps`` follower steps on ``g̃(θ, ·)`` at the current actor (``ratios`` as constants), so that the
-        critic the implicit function theorem is applied at is the one being fitted; returns the loss before the first."""
+        critic the implicit function theorem is applied at is the one being fitted, or on the MSE (``ratios=None``);
+        returns the loss before the first."""
         loss_before = math.nan
         critic_params = self._critic_params
         ratios = None if ratios is None else ratios.detach()
@@ -711,6 +723,7 @@ class BLPO(OnPolicyAlgorithm):
         stats["ihvp_unconverged"].append(0.0 if hypergradient.ihvp.converged else 1.0)
         stats["ihvp_clamped_cores"].append(hypergradient.ihvp.info.get("clamped_core", 0.0))
         stats["ihvp_correction_norm"].append(float(correction.norm()))
+        stats["correction_ratio"].append(float(correction.norm() / direct.norm().clamp_min(1e-12)))
         stats["correction_cosine"].append(float(th.nn.functional.cosine_similarity(correction, direct, dim=0, eps=1e-12)))
         stats["correction_bounded_fraction"].append(float(was_bounded))
         stats["hypergrad_norm"].append(float((direct - bounded).norm()))
@@ -753,6 +766,7 @@ class BLPO(OnPolicyAlgorithm):
             "clip_fraction",
             "hypergrad_norm",
             "ihvp_correction_norm",
+            "correction_ratio",
             "correction_cosine",
             "correction_bounded_fraction",
             "ihvp_unconverged",
