@@ -446,6 +446,7 @@ def test_leader_objective_advantages_and_curvature(leader_objective: str, actor_
         "CartPole-v1",
         leader_objective=leader_objective,
         actor_advantages=actor_advantages,
+        follower_objective="mse" if actor_advantages == "rollout" else "coupled",
         ihvp_kwargs=dict(curvature=curvature),
         **SMALL,
     )

@@ -90,6 +90,7 @@ def test_hyperparameters_restored(tmp_path: Path) -> None:
         coupling_clip=0.3,
         leader_objective="surrogate",
         actor_advantages="rollout",
+        follower_objective="mse",
     )
     model.save(tmp_path / "model.zip")
     loaded = BLPO.load(tmp_path / "model.zip")
@@ -102,6 +103,7 @@ def test_hyperparameters_restored(tmp_path: Path) -> None:
     assert loaded.hypergrad_bound == 0.7
     assert (loaded.coupling, loaded.coupling_clip) == ("both", 0.3)
     assert (loaded.leader_objective, loaded.actor_advantages) == ("surrogate", "rollout")
+    assert loaded.follower_objective == "mse"
     for progress in (1.0, 0.5, 0.0):
         assert loaded.critic_learning_rate(progress) == pytest.approx(critic_learning_rate(progress))
     assert loaded.policy.critic_optimizer.param_groups[0]["lr"] == model.policy.critic_optimizer.param_groups[0]["lr"]

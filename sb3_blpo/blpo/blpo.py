@@ -492,8 +492,7 @@ class BLPO(OnPolicyAlgorithm):
                 # by the mixed term. θ does not move during the nested steps, so one forward pass serves both.
                 ratios = self._rollout_ratios(rollout) if self._solver is not None else None
                 nested_started = time.perf_counter()
-                follower_ratios = ratios if self.follower_objective == "coupled" else None
-                stats["value_loss_before_nested"].append(self._nested_critic_steps(rollout, batch, follower_ratios))
+                stats["value_loss_before_nested"].append(self._nested_critic_steps(rollout, batch, ratios))
                 stats["seconds_nested_critic"].append(time.perf_counter() - nested_started)
                 actor_loss, approx_kl = self._actor_objective(rollout, batch, clip_range, stats)
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
@@ -597,13 +596,19 @@ class BLPO(OnPolicyAlgorithm):
         )
         return weighted_squared_error(values, targets, weights), values, weights
 
+    def _follower_ratios(self, ratios: th.Tensor | None) -> th.Tensor | None:
+        """The ratios the nested steps fit with: constants at the current actor (``"coupled"``: the critic converges to
+        the point where the implicit function theorem is applied), or none (``"mse"``: the follower at θ_old)."""
+        if ratios is None or self.follower_objective == "mse":
+            return None
+        return ratios.detach()
+
     def _nested_critic_steps(self, rollout: _Rollout, batch: _Minibatch, ratios: th.Tensor | None) -> float:
-        """``n_critic_steps`` follower steps on ``g̃(θ, ·)`` at the current actor (``ratios`` as constants), so that the
-        critic the implicit function theorem is applied at is the one being fitted, or on the MSE (``ratios=None``);
+        """``n_critic_steps`` steps on the follower objective of ``follower_objective`` (see :meth:`_follower_ratios`);
         returns the loss before the first."""
         loss_before = math.nan
         critic_params = self._critic_params
-        ratios = None if ratios is None else ratios.detach()
+        ratios = self._follower_ratios(ratios)
         for step in range(self.n_critic_steps):
             follower_loss, _, _ = self._follower_loss(rollout, batch, ratios)
             if step == 0:
