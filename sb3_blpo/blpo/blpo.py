@@ -162,8 +162,8 @@ class BLPO(OnPolicyAlgorithm):
     Actor-critic as a Stackelberg game: the actor (leader, θ) minimises a PPO-style objective ``f(θ, w)`` whose
     advantages are a differentiable function of the critic; the critic (follower, w) best-responds by minimising its
     regression loss ``g̃(θ, ·)``, written as an explicit function of the actor (:mod:`sb3_blpo.blpo.coupling`). Per
-    minibatch, BLPO runs ``n_critic_steps`` critic steps on ``g̃(θ, ·)`` at the current actor, then one actor step
-    along the hypergradient
+    minibatch, BLPO runs ``n_critic_steps`` critic steps toward the best response (``follower_objective``), then one
+    actor step along the hypergradient
 
         ∇θf − ∂²g̃/∂θ∂w · C⁻¹ ∇w f,
 
@@ -206,9 +206,10 @@ class BLPO(OnPolicyAlgorithm):
     :param actor_advantages: Advantages in the direct term ``∇θf``: ``"recomputed"`` (GAE from the critic after its
         nested steps) or ``"rollout"`` (PPO's fixed rollout advantages; ``Â(w)`` is kept only where ``∇w f`` needs it)
     :param follower_objective: What the nested critic steps minimise, i.e. where the implicit function theorem is
-        applied: ``"coupled"`` (``g̃(θ, ·)`` at the current actor, the same objective whose derivatives the hypergradient
-        uses) or ``"mse"`` (the plain MSE ``g̃(θ_old, ·)``: the theorem at the rollout policy, to first order in
-        ``θ − θ_old``). Ignored by the nested-only ablation, whose follower is the MSE
+        applied: ``"mse"`` (default; the plain MSE ``g̃(θ_old, ·)``: the theorem at the rollout policy, to first order in
+        ``θ − θ_old``) or ``"coupled"`` (``g̃(θ, ·)`` at the current actor, the objective whose derivatives the
+        hypergradient uses; better on short horizons, fails on long ones: docs/blpo.md). Ignored by the nested-only
+        ablation, whose follower is the MSE
     :param coupling: Which actor dependence of the follower objective gives the mixed term: ``"target"`` (how the
         critic's targets move with the policy; default), ``"distribution"`` (how the visited states move with it),
         ``"both"``, or ``"authors_f2"`` (the authors' prefix-mean surrogate f2 for the mixed term, with the plain MSE as
@@ -257,7 +258,7 @@ class BLPO(OnPolicyAlgorithm):
         hypergrad_bound: float = 1.0,
         leader_objective: LeaderObjective = "improvement",
         actor_advantages: str = "recomputed",
-        follower_objective: str = "coupled",
+        follower_objective: str = "mse",
         coupling: CouplingMode = "target",
         coupling_clip: float = 0.2,
         stats_window_size: int = 100,

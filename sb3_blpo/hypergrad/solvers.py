@@ -112,7 +112,8 @@ class NystromSolver(IHVPSolver):
     **PSD core.** A neural critic's Hessian is indefinite, and so is ``M``; a Woodbury solve with an indefinite core can
     return a vector many times too long with no warning (measured on real critic Hessians: 40–110× the accurate
     solution). So ``M = QΛQᵀ`` is eigendecomposed in float64, negative eigenvalues are clamped to zero and the
-    pseudo-inverse keeps the eigenvalues above ``τ = 1e-10·max|λ|``; with ``B = Λ₊^{-1/2} Q₊ᵀ Yᵀ`` (so ``Ĥ = BᵀB ⪰ 0``)
+    pseudo-inverse keeps the eigenvalues above ``τ = max(1e-10, 100·ε)·max|λ|`` (``ε``: machine epsilon of ``v``'s
+    dtype); with ``B = Λ₊^{-1/2} Q₊ᵀ Yᵀ`` (so ``Ĥ = BᵀB ⪰ 0``)
 
         (Ĥ + ρI)⁻¹ v = v/ρ − Bᵀ (ρI + BBᵀ)⁻¹ B v / ρ,
 
@@ -217,8 +218,9 @@ class NystromSolver(IHVPSolver):
             rho = self.rho * (scale if scale > 0.0 and math.isfinite(scale) else 1.0)
         info = {"rank": float(k), "singular_core": 0.0, "clamped_core": 0.0, "negative_curvature": 0.0, "rho": rho}
         eigenvalues, eigenvectors = th.linalg.eigh(core + self.jitter * th.eye(k, dtype=th.float64, device=v.device))
-        # Eigenvalues within rounding of zero (a rank-deficient PSD core) are dropped, not counted as clamped.
-        tolerance = 1e-10 * float(eigenvalues.abs().max())
+        # Eigenvalues within rounding of zero (a rank-deficient PSD core, or float32 products) are dropped, not counted
+        # as clamped: the products carry the input's precision even though the core is decomposed in float64.
+        tolerance = max(1e-10, 100 * th.finfo(v.dtype).eps) * float(eigenvalues.abs().max())
         info["clamped_core"] = float(bool((eigenvalues < -tolerance).any()))
         keep = eigenvalues > tolerance
         # B = Λ₊^{-1/2} Q₊ᵀ Yᵀ: the Nyström matrix is BᵀB, positive semi-definite by construction.
