@@ -35,9 +35,13 @@ def test_returns_suite_writes_one_row_per_evaluation_and_resumes(tmp_path: Path)
         rows = read_csv(tmp_path / "csv" / "CartPole-v1" / variant / "seed0.csv")
         assert [int(row["timesteps"]) for row in rows] == [512, 1024]
         assert all(9.0 <= float(row["mean_return"]) <= 500.0 for row in rows)
+        assert 9.0 <= float(rows[-1]["train_return"]) <= 500.0  # from the run's Monitor files
     assert json.loads((tmp_path / "random_scores.json").read_text())["CartPole-v1"] < 50.0
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
     assert "0 runs to do" in run_script(suite, *args)
+    summary = run_script(suite, *args, "--summary")
+    assert "| env (training return, last 20 episodes) | BLPO (default) | PPO (zoo) |" in summary
+    assert summary.count("| CartPole-v1 | ") == 2 and "(1) |" in summary
 
 
 def test_returns_report_aggregates_with_rliable(tmp_path: Path) -> None:
