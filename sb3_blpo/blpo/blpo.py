@@ -489,8 +489,8 @@ class BLPO(OnPolicyAlgorithm):
             for batch in rollout.minibatches(self.batch_size):
                 if self.use_sde:
                     self.policy.reset_noise(len(batch))
-                # The actor's ratios on the whole rollout: constants for the follower's steps, differentiated in θ
-                # by the mixed term. θ does not move during the nested steps, so one forward pass serves both.
+                # The actor's ratios on the whole rollout: differentiated in θ by the mixed term, and constants for the
+                # nested steps of the coupled follower. θ does not move during those steps: one forward pass serves both.
                 ratios = self._rollout_ratios(rollout) if self._solver is not None else None
                 nested_started = time.perf_counter()
                 stats["value_loss_before_nested"].append(self._nested_critic_steps(rollout, batch, ratios))
