@@ -78,12 +78,14 @@ class CurvatureOperator(abc.ABC):
     Products accept one vector of shape ``(P,)`` or a batch of shape ``(m, P)`` and return the same shape; every IHVP
     solver takes such an operator. ``n_products`` counts the vectors multiplied so far.
 
-    :param dim: ``P``.
+    :param like: a tensor of the operator's size ``P``, dtype and device (e.g. the flat gradient it is built from).
     :param damping: ``λ`` added as ``(C + λI)v``.
     """
 
-    def __init__(self, dim: int, damping: float = 0.0) -> None:
-        self.dim = dim
+    def __init__(self, like: th.Tensor, damping: float = 0.0) -> None:
+        self.dim = like.numel()
+        self.dtype = like.dtype
+        self.device = like.device
         self.damping = float(damping)
         self.n_products = 0
 
@@ -100,15 +102,7 @@ class CurvatureOperator(abc.ABC):
 
     def dense(self) -> th.Tensor:
         """The full ``P x P`` matrix (plus damping), one product per column. Only for small parameter counts."""
-        return self(th.eye(self.dim, dtype=self._dtype, device=self._device))
-
-    @property
-    @abc.abstractmethod
-    def _dtype(self) -> th.dtype: ...
-
-    @property
-    @abc.abstractmethod
-    def _device(self) -> th.device: ...
+        return self(th.eye(self.dim, dtype=self.dtype, device=self.device))
 
     @abc.abstractmethod
     def _products(self, matrix: th.Tensor) -> th.Tensor:
@@ -139,16 +133,8 @@ class HessianVectorProduct(CurvatureOperator):
         self.params = list(params)
         grads = th.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self.gradient = flatten(grads, like=self.params)
-        super().__init__(self.gradient.numel(), damping)
+        super().__init__(self.gradient, damping)
         self._batched_backward_ok = self.gradient.device.type != "cpu" if vectorize is None else vectorize
-
-    @property
-    def _dtype(self) -> th.dtype:
-        return self.gradient.dtype
-
-    @property
-    def _device(self) -> th.device:
-        return self.gradient.device
 
     def _products(self, matrix: th.Tensor) -> th.Tensor:
         return self._backward_products(self.params, matrix)
@@ -221,15 +207,7 @@ class GaussNewtonProduct(CurvatureOperator):
         self._dummy = th.zeros_like(outputs, requires_grad=True)
         grads = th.autograd.grad(outputs, self.params, grad_outputs=self._dummy, create_graph=True, allow_unused=True)
         self._transpose_product = flatten(grads, like=self.params)
-        super().__init__(self._transpose_product.numel(), damping)
-
-    @property
-    def _dtype(self) -> th.dtype:
-        return self.outputs.dtype
-
-    @property
-    def _device(self) -> th.device:
-        return self.outputs.device
+        super().__init__(self._transpose_product, damping)
 
     def _products(self, matrix: th.Tensor) -> th.Tensor:
         if not self._transpose_product.requires_grad:
