@@ -12,6 +12,7 @@ parallelise (``--jobs``) and use exactly the configs users get:
 * ``blpo_rollout_adv``: the same entry with ``actor_advantages="rollout"``;
 * ``blpo_cg``: the same entry with ``ihvp_solver="cg"``;
 * ``blpo_authors``: the authors' recipe, ``zoo_hyperparams/blpo_authors.yml``;
+* ``blpo_dropin``: PPO's rl-zoo3 entry with the algorithm swapped (``vf_coef`` removed, which BLPO refuses);
 * ``ppo``: rl-zoo3's own ``ppo.yml`` entry (its ``-v4`` entry for the MuJoCo ``-v5`` envs, which zoo lacks);
 * history, the defaults before the improvement form (plain surrogate, Hessian curvature): ``blpo_distribution``
   (distribution coupling, the default before it), ``blpo_target`` / ``blpo_cg_target`` (target coupling, the default
@@ -74,6 +75,7 @@ PROFILES = {
     },
 }
 # variant: (algo, packaged config or None, -params overrides). History variants pin the settings of earlier defaults.
+DROP_IN = "ppo_zoo_dropin"  # PPO's rl-zoo3 entry with the algorithm swapped (see :func:`drop_in_config`)
 _COLUMNS = "sketch='columns', pcg_steps=0"  # the plain column-sampling Nyström (the solver before the refinement)
 _SURROGATE_HESSIAN = ["leader_objective:'surrogate'", f"ihvp_kwargs:dict(curvature='hessian', {_COLUMNS})"]
 VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
@@ -83,6 +85,7 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "blpo_cg": ("blpo", None, ["ihvp_solver:'cg'"]),
     "blpo_authors": ("blpo", "blpo_authors", []),
     "ppo": ("ppo", None, []),
+    "blpo_dropin": ("blpo", DROP_IN, []),
     "blpo_coupled_follower": ("blpo", None, ["follower_objective:'coupled'"]),
     "blpo_mse_follower": ("blpo", None, ["follower_objective:'mse'"]),
     "blpo_columns": ("blpo", None, [f"ihvp_kwargs:dict({_COLUMNS})", "follower_objective:'coupled'"]),
@@ -107,6 +110,7 @@ LABELS = {
     "blpo_columns": "BLPO, column Nyström without refinement",
     "blpo_columns_rollout_adv": "BLPO, column Nyström without refinement, rollout advantages",
     "ppo": "PPO (zoo)",
+    "blpo_dropin": "BLPO drop-in (PPO's zoo config)",
     "blpo_distribution": "BLPO, surrogate + distribution coupling (previous default)",
     "blpo_target": "BLPO (Nyström), target coupling",
     "blpo_cg_target": "BLPO (CG), target coupling",
@@ -160,6 +164,30 @@ def ppo_config(out: Path) -> Path:
     return target
 
 
+def drop_in_config(out: Path) -> Path:
+    """PPO's rl-zoo3 entries for BLPO: what a user who swaps ``PPO`` for ``BLPO`` and keeps the config gets. The only
+    change is the removal of ``vf_coef`` (MuJoCo entries), which BLPO refuses by name (its critic has its own loss
+    and optimizer); everything else, including ``learning_rate``, batch size, epochs and ``n_envs``, is PPO's."""
+    entries = yaml.safe_load(ppo_config(out).read_text())
+    for entry in entries.values():
+        if isinstance(entry, dict):
+            entry.pop("vf_coef", None)
+    target = out / "ppo_zoo_dropin_v5.yml"
+    target.write_text(yaml.safe_dump(entries, sort_keys=True))
+    return target
+
+
+def shard(spec: str) -> tuple[int, int]:
+    """``"I/N"`` (``0 <= I < N``) → ``(I, N)``: the runs ``I, I + N, I + 2N, …`` of the full run list."""
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must be I/N with integers 0 <= I < N, got {spec!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard must be I/N with integers 0 <= I < N, got {spec!r}")
+    return index, count
+
+
 def csv_path(out: Path, env_id: str, variant: str, seed: int) -> Path:
     return out / "csv" / env_id / variant / f"seed{seed}.csv"
 
@@ -171,6 +199,8 @@ def train_command(env_id: str, variant: str, seed: int, steps: int, args: argpar
     command += ["-f", str(log_dir), "--num-threads", "1", "--verbose", "0", "--log-interval", "-1"]
     if algo == "ppo":
         command += ["--conf-file", str(ppo_config(args.out))]
+    elif config == DROP_IN:
+        command += ["--conf-file", str(drop_in_config(args.out))]
     elif config is not None:
         command += ["--conf-file", config]
     if overrides:
@@ -218,6 +248,17 @@ def summary(args: argparse.Namespace) -> str:
             lines.append(f"| {env_id} | " + " | ".join(row) + " |")
         tables.append("\n".join(lines))
     return "\n\n".join(tables)
+
+
+def run_list(args: argparse.Namespace) -> list[tuple[str, str, int, int]]:
+    """Every run of the suite as ``(env, variant, seed, steps)``, finished or not, in a fixed order (seed-major, so
+    a partial suite has whole seeds): shards index this list, so they are disjoint whatever has finished."""
+    return [
+        (env_id, variant, seed, args.steps or PROFILES[args.profile][env_id])
+        for seed in args.seeds
+        for env_id in args.envs
+        for variant in args.variants
+    ]
 
 
 def run(env_id: str, variant: str, seed: int, steps: int, args: argparse.Namespace) -> str:
@@ -268,18 +309,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep-logs", action="store_true", help="keep rl-zoo3's log folders (models, configs)")
     parser.add_argument("--summary", action="store_true", help="print the table of finished runs and exit")
+    parser.add_argument(
+        "--shard",
+        type=shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="run only every N-th run of the full list, starting at I (one shard per machine, e.g. a Slurm array)",
+    )
     args = parser.parse_args()
     args.out = args.out.resolve()
     if args.summary:
         print(summary(args))
         return
-    jobs = [
-        (env_id, variant, seed, args.steps or PROFILES[args.profile][env_id])
-        for seed in args.seeds
-        for env_id in args.envs
-        for variant in args.variants
-        if not csv_path(args.out, env_id, variant, seed).exists()
-    ]
+    jobs = [job for job in run_list(args)[args.shard[0] :: args.shard[1]] if not csv_path(args.out, *job[:3]).exists()]
     print(f"{len(jobs)} runs to do ({args.profile} profile)", flush=True)
     print("random-action scores:", random_scores(args.out, args.envs), flush=True)
 
