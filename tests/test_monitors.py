@@ -25,7 +25,7 @@ from sb3_blpo.callbacks import (
     PlasticityMonitor,
     TrainabilityCallback,
 )
-from sb3_blpo.callbacks._loss_access import OnPolicyLossAccess
+from sb3_blpo.common.model_view import OnPolicyModelView
 from sb3_blpo.callbacks.monitors import TRAINABILITY_METRIC_NAMES
 from sb3_blpo.curvature import SpectralQuadrature, epsilon_rank
 
@@ -141,7 +141,7 @@ def test_lambda_max_matches_dense_hessian_of_the_policy_losses():
     callback = HessianSpectrumCallback(n_samples=None, lanczos_steps=20, num_probes=2, log_density_figure=False)
     callback.init_callback(model)
     measured = callback.measure()
-    access = OnPolicyLossAccess(model)
+    access = OnPolicyModelView(model)
     batch = access.sample_batch(None, th.Generator().manual_seed(0))  # all transitions, as the callback used
 
     for group in ("actor", "critic"):
@@ -161,7 +161,7 @@ def test_losses_match_the_algorithms_own_formulas(algo):
     else:
         model = _make_model("A2C", ent_coef=0.01, normalize_advantage=True)
     model.learn(128)
-    access = OnPolicyLossAccess(model)
+    access = OnPolicyModelView(model)
     batch = access.sample_batch(None, th.Generator().manual_seed(0))
     values, log_prob, entropy = model.policy.evaluate_actions(batch.observations, batch.actions)
     advantages = (batch.advantages - batch.advantages.mean()) / (batch.advantages.std() + 1e-8)
@@ -174,9 +174,9 @@ def test_losses_match_the_algorithms_own_formulas(algo):
         assert access.actor_objective == "policy_gradient"
         policy_loss = -(advantages * log_prob).mean()
     expected_actor = policy_loss - 0.01 * entropy.mean()
-    th.testing.assert_close(access.actor_loss(batch), expected_actor)
-    th.testing.assert_close(access.critic_loss(batch), nn.functional.mse_loss(batch.returns, values.flatten()))
-    th.testing.assert_close(access.loss("joint", batch), expected_actor + model.vf_coef * access.critic_loss(batch))
+    th.testing.assert_close(access.losses.actor_loss(batch), expected_actor)
+    th.testing.assert_close(access.losses.critic_loss(batch), nn.functional.mse_loss(batch.returns, values.flatten()))
+    th.testing.assert_close(access.loss("joint", batch), expected_actor + model.vf_coef * access.losses.critic_loss(batch))
 
 
 def test_monitors_leave_gradients_and_training_mode_untouched():
@@ -204,7 +204,7 @@ def test_monitors_leave_gradients_and_training_mode_untouched():
 def test_sample_batch_reads_the_buffer_before_and_after_sb3_flattens_it():
     model = _make_model("PPO", n_steps=32, env="CartPole-v1")
     model.learn(32)  # train() called rollout_buffer.get(), which flattened the buffer in place
-    access = OnPolicyLossAccess(model)
+    access = OnPolicyModelView(model)
     buffer = model.rollout_buffer
     assert buffer.generator_ready
     flattened = access.sample_batch(None, th.Generator().manual_seed(0), first_step=10)
@@ -323,7 +323,7 @@ def test_shared_features_extractor_parameters_belong_to_both_groups():
     for shared in (True, False):
         policy_kwargs = dict(TINY_NET, features_extractor_class=LinearExtractor, share_features_extractor=shared)
         model = PPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, policy_kwargs=policy_kwargs, seed=0)
-        access = OnPolicyLossAccess(model)
+        access = OnPolicyModelView(model)
         actor, critic = {id(p) for p in access.parameters("actor")}, {id(p) for p in access.parameters("critic")}
         extractor = {id(p) for p in model.policy.pi_features_extractor.parameters()}
         assert extractor <= actor

@@ -23,6 +23,7 @@ from torch import nn
 
 from sb3_blpo import BLPO
 from sb3_blpo.callbacks import PlasticityRegularizer, ReDo, ShrinkAndPerturb
+from sb3_blpo.callbacks.penalty_delivery import PenaltyTerms
 from sb3_blpo.callbacks.regularizers import L2_INIT_ATTRIBUTE
 
 NET = dict(net_arch=[16, 16])
@@ -248,11 +249,11 @@ def test_blpo_levels_actor_terms_touch_only_actor_parameters():
     regularizer.init_callback(model)
     regularizer.on_training_start(locals(), globals())
     try:
-        assert model._loss_terms == [regularizer._blpo_term]
+        assert model._loss_terms == [regularizer._delivery.term]
         observations = th.randn(32, 3)
         actor, critic = model.policy.actor_parameters(), model.policy.critic_parameters()
         for level, own, other in (("actor", actor, critic), ("critic", critic, actor)):
-            term = regularizer._blpo_term(level, observations)
+            term = regularizer._delivery.term(level, observations)
             grads = th.autograd.grad(term, own + other, allow_unused=True)
             own_grads, other_grads = grads[: len(own)], grads[len(own) :]
             assert all(g is not None and th.isfinite(g).all() for g in own_grads)
@@ -326,24 +327,24 @@ def test_ascent_step_is_a_raw_gradient_step_on_the_rollout_rank():
 
 
 # ---------------------------------------------------------------------------------------------------------------- lifecycle
-def test_only_training_forward_passes_are_regularised_and_second_learn_works():
+def test_only_training_forward_passes_are_regularised_and_second_learn_works(monkeypatch):
     model = PPO("MlpPolicy", "CartPole-v1", seed=0, policy_kwargs=NET, n_steps=64, batch_size=32, n_epochs=2)
     regularizer = PlasticityRegularizer(erank_coef=0.1)
     calls = []
-    objective = regularizer._rank_objective
+    objective = PenaltyTerms.rank_objective
 
-    def counted(features: dict[str, th.Tensor]) -> th.Tensor:
+    def counted(terms: PenaltyTerms, features: dict[str, th.Tensor]) -> th.Tensor:
         calls.append(next(iter(features.values())).shape[0])
-        return objective(features)
+        return objective(terms, features)
 
-    regularizer._rank_objective = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(PenaltyTerms, "rank_objective", counted)
 
     def during_rollout(m: Any) -> None:
         assert regularizer.installed
-        assert not regularizer._captured  # collection forward passes (no_grad, eval mode) are not captured
+        assert not regularizer._delivery._captured  # collection forward passes (no_grad, eval mode) are not captured
         with th.enable_grad():  # a grad-enabled pass in eval mode (e.g. a monitor) is not captured either
             m.policy.evaluate_actions(th.zeros(4, 4), th.zeros(4))
-        assert not regularizer._captured
+        assert not regularizer._delivery._captured
 
     probe = Probe(step=during_rollout)
     model.learn(128, callback=[regularizer, probe])
@@ -411,7 +412,7 @@ def test_logged_values():
         (dict(erank_mode="ascent", erank_coef=1e-3), "erank_coef"),
         (dict(erank_coef=1e-3, layers="last"), "layers"),
         (dict(erank_coef=1e-3, layers=0), "layers"),
-        (dict(erank_coef=1e-3, parameters="biases"), "parameters"),
+        (dict(erank_coef=1e-3, param_selection="biases"), "param_selection"),
         (dict(l2_coef=1e-4, ascent_steps=0), "ascent_steps"),
     ],
 )
@@ -473,7 +474,7 @@ def test_trpo_recurrent_and_maskable_ppo_are_refused():
 
 def test_l2_without_hidden_layers_and_all_zero_coefficients():
     model = PPO("MlpPolicy", "CartPole-v1", seed=0, n_steps=32, batch_size=32, n_epochs=1, policy_kwargs=dict(net_arch=[]))
-    model.learn(32, callback=PlasticityRegularizer(l2_coef=1e-3, parameters="weights"))
+    model.learn(32, callback=PlasticityRegularizer(l2_coef=1e-3, param_selection="weights"))
     with pytest.warns(UserWarning, match="do nothing"):
         PlasticityRegularizer()
 

@@ -11,7 +11,7 @@ identically zero (a policy's advantages under its own value function average to 
 built on ``f`` has no useful total derivative, while that of ``f_imp`` is ``(1 − γ)(J(π_old) − J(π_θ))`` exactly (the
 reverse performance-difference lemma). Derivation and tests: ``docs/blpo.md``, ``tests/test_leader_objective.py``.
 
-Pure torch: no Stable-Baselines3 import.
+Pure torch: no Stable-Baselines3 import (the clipped surrogate is :mod:`sb3_blpo.common.surrogate`'s).
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from typing import Literal
 
 import torch as th
 
+from sb3_blpo.common.surrogate import clipped_surrogate
+
 LeaderObjective = Literal["improvement", "surrogate"]
 LEADER_OBJECTIVES: tuple[str, ...] = ("improvement", "surrogate")
 
-
-def clipped_surrogate(ratio: th.Tensor, advantages: th.Tensor, clip_range: float) -> th.Tensor:
-    """Per-sample PPO surrogate ``min(r Â, clip(r, 1 ± ε) Â)`` (to be maximised)."""
-    return th.min(advantages * ratio, advantages * th.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range))
+__all__ = ["LEADER_OBJECTIVES", "LeaderObjective", "clipped_surrogate", "leader_loss"]
 
 
 def leader_loss(

@@ -9,8 +9,9 @@ from sb3_blpo.callbacks.monitors import (
     TrainabilityRecord,
     measure_loss_spectrum,
 )
-from sb3_blpo.callbacks.regularizers import PlasticityRegularizer, ReDo, ShrinkAndPerturb
-from sb3_blpo.callbacks.task_switch import TASK_SWITCH_INFO_KEY, TaskSwitchTracker, infos_signal_task_switch
+from sb3_blpo.callbacks.regularizers import PlasticityRegularizer
+from sb3_blpo.callbacks.resets import ReDo, ShrinkAndPerturb
+from sb3_blpo.common.task_switch import TASK_SWITCH_INFO_KEY, TaskSwitchTracker, infos_signal_task_switch
 
 __all__ = [
     "TASK_SWITCH_INFO_KEY",

@@ -8,7 +8,7 @@ mode is left as SB3 set it (eval mode during collection).
 Cadence: a monitor measures
 
 * on a task start (if ``on_task_switch``): the first rollout of training and the first rollout after each task switch
-  (see :mod:`sb3_blpo.callbacks.task_switch`), always, because that measurement point cannot be postponed;
+  (see :mod:`sb3_blpo.common.task_switch`), always, because that measurement point cannot be postponed;
 * periodically: once ``every_n_rollouts`` rollouts have passed since its last measurement, on the next rollout whose
   logs SB3 dumps (``iteration % log_interval == 0``), so that no expensive result is overwritten before it is written.
   If ``log_interval`` is unknown or ``None``, the cadence alone decides.
@@ -42,8 +42,11 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import Figure, TensorBoardOutputFormat
 
 from sb3_blpo._validation import check_float, check_int, check_one_of
-from sb3_blpo.callbacks._loss_access import ACTOR_OBJECTIVES, PARAMETER_GROUPS, OnPolicyLossAccess, RolloutBatch
-from sb3_blpo.callbacks.task_switch import TaskSwitchTracker, infos_signal_task_switch
+from sb3_blpo.common.losses import ACTOR_OBJECTIVES
+from sb3_blpo.common.model_view import OnPolicyModelView
+from sb3_blpo.common.parameters import PARAMETER_GROUPS
+from sb3_blpo.common.rollout import RolloutBatch
+from sb3_blpo.common.task_switch import TaskSwitchTracker, infos_signal_task_switch
 from sb3_blpo.curvature import (
     SpectralQuadrature,
     SpectrumSummary,
@@ -59,8 +62,8 @@ from sb3_blpo.metrics import distance_to_initial, feature_metrics, weight_norm
 
 # SB3's stdout writer truncates keys to 36 characters and raises if two keys collide after truncation.
 MAX_KEY_LENGTH = 36
-# Only these writers can store arrays and figures; the others would print or fail on them.
-TENSORBOARD_ONLY = ("stdout", "log", "json", "csv")
+# The writers that cannot store arrays and figures (they would print or fail on them): excluded for those records.
+NON_TENSORBOARD_FORMATS = ("stdout", "log", "json", "csv")
 
 
 def epsilon_label(epsilon: float) -> str:
@@ -131,7 +134,7 @@ class _RolloutMonitor(BaseCallback):
         self.n_rollouts = 0
         self.n_measurements = 0
         self.tasks = TaskSwitchTracker()
-        self._access: OnPolicyLossAccess | None = None
+        self._access: OnPolicyModelView | None = None
         self._log_interval: int | None = None
         self._rollouts_in_learn = 0
         self._rollouts_since_measurement = 0
@@ -140,8 +143,8 @@ class _RolloutMonitor(BaseCallback):
     def _init_callback(self) -> None:
         self._access = self._make_access()
 
-    def _make_access(self) -> OnPolicyLossAccess:
-        return OnPolicyLossAccess(self.model)
+    def _make_access(self) -> OnPolicyModelView:
+        return OnPolicyModelView(self.model)
 
     def _on_training_start(self) -> None:
         log_interval = self.locals.get("log_interval")
@@ -174,7 +177,7 @@ class _RolloutMonitor(BaseCallback):
             self._run(0, task_start=False)
 
     def notify_task_switch(self) -> None:
-        """Signal that a new task starts now (see :mod:`sb3_blpo.callbacks.task_switch`)."""
+        """Signal that a new task starts now (see :mod:`sb3_blpo.common.task_switch`)."""
         # During on_step the buffer's write position is the index the current transition is about to be stored at.
         position = self.access.model.rollout_buffer.pos if self.tasks.in_rollout else 0
         self.tasks.notify(position)
@@ -195,7 +198,7 @@ class _RolloutMonitor(BaseCallback):
         """Measure on the current rollout, drawing samples from rollout steps ``≥ first_step``, and record the results."""
 
     @property
-    def access(self) -> OnPolicyLossAccess:
+    def access(self) -> OnPolicyModelView:
         """Loss and parameter access to the model (available after ``init_callback``)."""
         if self._access is None:
             raise RuntimeError("the callback is not initialised; pass it to model.learn() or call init_callback(model)")
@@ -311,7 +314,7 @@ class HessianSpectrumCallback(_RolloutMonitor):
     ``eps_rank_<ε>`` (fraction of eigenvalues with ``|λ| > ε``, from the quadrature nodes and weights). The Ritz values
     are logged as a histogram and the Gaussian-broadened density as a matplotlib figure (TensorBoard only).
 
-    The losses and parameter groups are those of :class:`~sb3_blpo.callbacks._loss_access.OnPolicyLossAccess`.
+    The losses and parameter groups are those of :class:`~sb3_blpo.common.model_view.OnPolicyModelView`.
 
     :param parameter_groups: any of ``"actor"``, ``"critic"``, ``"joint"`` (each measured separately).
     :param every_n_rollouts: periodic cadence in rollouts (``None``: only at task starts).
@@ -323,7 +326,7 @@ class HessianSpectrumCallback(_RolloutMonitor):
     :param epsilons: thresholds ``ε > 0`` of the ε-ranks.
     :param log_density_figure: log the broadened density as a figure (needs matplotlib).
     :param log_ritz_histogram: log the Ritz values as a histogram.
-    :param actor_objective: ``"auto"`` or an explicit actor objective (see ``OnPolicyLossAccess``).
+    :param actor_objective: ``"auto"`` or an explicit actor objective (see ``OnPolicyModelView``).
     :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling and the probes.
     :param verbose: verbosity level.
@@ -362,8 +365,8 @@ class HessianSpectrumCallback(_RolloutMonitor):
         keys["ritz"], keys["density"] = f"hessian/{group}/ritz", f"hessian/{group}/density"
         return keys
 
-    def _make_access(self) -> OnPolicyLossAccess:
-        return OnPolicyLossAccess(self.model, self.settings.actor_objective)
+    def _make_access(self) -> OnPolicyModelView:
+        return OnPolicyModelView(self.model, self.settings.actor_objective)
 
     def measure(self, first_step: int = 0, task_start: bool = False) -> dict[str, SpectrumMeasurement]:
         """Measure every configured group on the current rollout buffer now (also usable outside the cadence).
@@ -412,11 +415,11 @@ class HessianSpectrumCallback(_RolloutMonitor):
         if not any(isinstance(writer, TensorBoardOutputFormat) for writer in self.logger.output_formats):
             return  # histograms and figures go to TensorBoard only: do not build what no writer will render
         if self.log_ritz_histogram:
-            self.logger.record(keys["ritz"], measurement.quadrature.all_nodes().cpu().numpy(), exclude=TENSORBOARD_ONLY)
+            self.logger.record(keys["ritz"], measurement.quadrature.all_nodes().cpu().numpy(), exclude=NON_TENSORBOARD_FORMATS)
         if self.log_density_figure:
             figure = self._density_figure(group, measurement)
             if figure is not None:
-                self.logger.record(keys["density"], Figure(figure, close=True), exclude=TENSORBOARD_ONLY)
+                self.logger.record(keys["density"], Figure(figure, close=True), exclude=NON_TENSORBOARD_FORMATS)
 
     def _density_figure(self, group: str, measurement: SpectrumMeasurement) -> Any:
         try:
@@ -662,8 +665,8 @@ class TrainabilityCallback(_RolloutMonitor):
         self.reference: dict[str, tuple[float, float]] = {}
         self.history: list[TrainabilityRecord] = []
 
-    def _make_access(self) -> OnPolicyLossAccess:
-        return OnPolicyLossAccess(self.model, self.settings.actor_objective)
+    def _make_access(self) -> OnPolicyModelView:
+        return OnPolicyModelView(self.model, self.settings.actor_objective)
 
     def _quadrature(
         self, group: str, batch_cache: dict[str, RolloutBatch], first_step: int, stream: int
@@ -813,6 +816,6 @@ class PlasticityMonitor(CallbackList):
         return True
 
     def notify_task_switch(self) -> None:
-        """Signal a task switch to the three monitors (see :mod:`sb3_blpo.callbacks.task_switch`)."""
+        """Signal a task switch to the three monitors (see :mod:`sb3_blpo.common.task_switch`)."""
         for callback in (self.hessian, self.features, self.trainability):
             callback.notify_task_switch()

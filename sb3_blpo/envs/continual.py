@@ -1,7 +1,7 @@
 """Continual-RL task wrappers: the task changes on a schedule (every ``steps_per_task`` env steps) or on request.
 
 Every wrapper derives from :class:`ContinualTaskWrapper`, which owns the schedule and the task-switch signal of
-:mod:`sb3_blpo.callbacks.task_switch`; subclasses only say what a task is (:meth:`ContinualTaskWrapper._apply_task`).
+:mod:`sb3_blpo.common.task_switch`; subclasses only say what a task is (:meth:`ContinualTaskWrapper._apply_task`).
 
 **Counting.** Each wrapper copy counts the ``step()`` calls it executes, across episodes (``reset()`` is not a step and
 does not reset the count). After its ``steps_per_task``-th, ``2·steps_per_task``-th, … step it moves to the next task,
@@ -31,7 +31,7 @@ import numpy as np
 from gymnasium import spaces
 
 from sb3_blpo._validation import InvalidParameterError, check_int
-from sb3_blpo.callbacks.task_switch import TASK_SWITCH_INFO_KEY
+from sb3_blpo.common.task_switch import TASK_SWITCH_INFO_KEY
 
 TASK_ID_INFO_KEY = "task_id"
 """The ``info`` key under which every step reports the index of the task it ran under."""
