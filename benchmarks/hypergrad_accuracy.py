@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
@@ -83,13 +82,13 @@ def build_problem(env_id: str, steps: int, seed: int):
         env = VecNormalize(env)
     model = BLPO("MlpPolicy", env, seed=seed, **blpo_config(entry))
     model.learn(steps)
-    rollout = model._rollout_tensors()
+    rollout, follower = model._bilevel_rollout(), model._follower()
     batch = next(iter(rollout.minibatches(model.batch_size)))
     ratios = model._rollout_ratios(rollout)
-    model._nested_critic_steps(rollout, batch, ratios)
+    follower.nested_steps(rollout, batch, ratios)
     clip_range = model.clip_range(model._current_progress_remaining)
-    f, _ = model._actor_objective(rollout, batch, clip_range, defaultdict(list))
-    g, values, weights = model._follower_loss(rollout, batch, ratios)
+    f, _, _ = model._actor_objective(follower, rollout, batch, clip_range)
+    g, values, weights = follower.loss(rollout, batch, ratios)
     return model, f, g, values, weights
 
 

@@ -35,7 +35,7 @@ def collect_rollout(env_id: str, env_kwargs: dict, n_envs: int = 3, n_steps: int
 
 
 def advantages(model: BLPO, rollout, index: th.Tensor, track_critic: bool = False) -> th.Tensor:  # type: ignore[no-untyped-def]
-    values, _, _ = model._differentiable_advantages(rollout, rollout.minibatch(index), track_critic=track_critic)
+    values, _, _ = model._follower().advantages(rollout, rollout.minibatch(index), track_critic=track_critic)
     return values
 
 
@@ -53,7 +53,7 @@ def test_rollout_has_episode_boundaries(rollout_model: BLPO) -> None:
 
 
 def test_equals_sb3_gae_at_rollout_critic(rollout_model: BLPO) -> None:
-    rollout = rollout_model._rollout_tensors()
+    rollout = rollout_model._bilevel_rollout()
     computed = advantages(rollout_model, rollout, th.arange(rollout.size))
     reference = th.as_tensor(rollout_model.rollout_buffer.advantages.swapaxes(0, 1).reshape(-1))
     assert reference.abs().max() > 1.0
@@ -61,7 +61,7 @@ def test_equals_sb3_gae_at_rollout_critic(rollout_model: BLPO) -> None:
 
 
 def test_random_minibatches_match_full_rollout(rollout_model: BLPO) -> None:
-    rollout = rollout_model._rollout_tensors()
+    rollout = rollout_model._bilevel_rollout()
     full = advantages(rollout_model, rollout, th.arange(rollout.size))
     generator = th.Generator().manual_seed(0)
     for size in (1, 7, 64, rollout.size):
@@ -97,7 +97,7 @@ def reference_from_model(model: BLPO) -> th.Tensor:
 
 def test_critic_gradient_matches_reference(rollout_model: BLPO) -> None:
     model = rollout_model
-    rollout = model._rollout_tensors()
+    rollout = model._bilevel_rollout()
     generator = th.Generator().manual_seed(1)
     index = th.randperm(rollout.size, generator=generator)[:64]
     weights = th.randn(len(index), generator=generator)
@@ -117,7 +117,7 @@ def test_critic_gradient_matches_reference(rollout_model: BLPO) -> None:
 def test_critic_gradient_matches_finite_difference(rollout_model: BLPO) -> None:
     # Along the value head, V is linear in the parameters: a large central step is exact up to float32 rounding.
     model = rollout_model
-    rollout = model._rollout_tensors()
+    rollout = model._bilevel_rollout()
     generator = th.Generator().manual_seed(2)
     index = th.randperm(rollout.size, generator=generator)[:64]
     weights = th.randn(len(index), generator=generator)
@@ -320,7 +320,7 @@ def test_episode_kernel_rows(decay: float, future: bool) -> None:
     kernel = EpisodeKernel(episode_starts)
     env_index = th.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
     time_index = th.tensor([0, 2, 3, 4, 8, 11, 0, 5, 10, 11])
-    rows = kernel.window(env_index, time_index).rows(decay, future, DTYPE)
+    rows = kernel.window(env_index, time_index).rows(decay, DTYPE, future=future)
     expected = reference_rows(episode_starts, env_index, time_index, decay, future)
     th.testing.assert_close(rows, expected, rtol=1e-12, atol=0.0)
     # Spot checks of the structure: a one-step episode (env 0, step 3) has no past and only itself as future.
@@ -336,9 +336,9 @@ def test_episode_kernel_apply() -> None:
     window = EpisodeKernel(episode_starts).window(th.tensor([0, 1, 1]), th.tensor([4, 1, 3]))
     # Future, decay 0.5. Env 0, t=4: 4 + 0.5·5. Env 1 (episodes [0, 2] and [3, 5], values 6..11), t=1: 7 + 0.5·8;
     # t=3: 9 + 0.5·10 + 0.25·11.
-    th.testing.assert_close(window.apply(0.5, True, per_step), th.tensor([6.5, 11.0, 16.75], dtype=DTYPE))
+    th.testing.assert_close(window.apply(0.5, per_step, future=True), th.tensor([6.5, 11.0, 16.75], dtype=DTYPE))
     # Past, decay 1. Env 0, t=4: 0 + 1 + 2 + 3. Env 1, t=1: 6; t=3: nothing before it in its episode.
-    th.testing.assert_close(window.apply(1.0, False, per_step), th.tensor([6.0, 6.0, 0.0], dtype=DTYPE))
+    th.testing.assert_close(window.apply(1.0, per_step, future=False), th.tensor([6.0, 6.0, 0.0], dtype=DTYPE))
 
 
 def test_episode_kernel_rejects_bad_shape() -> None:

@@ -245,7 +245,7 @@ def test_nested_steps_reach_the_point_where_the_ift_is_applied(follower_objectiv
         seed=1,
     )
     model.learn(64)  # the actor has moved away from the rollout policy of the buffer
-    rollout = model._rollout_tensors()
+    rollout, follower = model._bilevel_rollout(), model._follower()
     batch = rollout.minibatch(th.arange(rollout.size))
     ratios = model._rollout_ratios(rollout)
     assert float((ratios - 1).abs().max()) > 1e-3
@@ -256,14 +256,14 @@ def test_nested_steps_reach_the_point_where_the_ift_is_applied(follower_objectiv
 
     def closure() -> th.Tensor:
         model.policy.critic_optimizer.zero_grad()
-        loss = model._follower_loss(rollout, batch, model._follower_ratios(ratios))[0]
+        loss = follower.loss(rollout, batch, follower.fitted_ratios(ratios))[0]
         loss.backward()
         return loss
 
     for _ in range(5):
         model.policy.critic_optimizer.step(closure)
-    coupled = th.autograd.grad(model._follower_loss(rollout, batch, ratios.detach())[0], critic)
-    plain = th.autograd.grad(model._follower_loss(rollout, batch, None)[0], critic)
+    coupled = th.autograd.grad(follower.loss(rollout, batch, ratios.detach())[0], critic)
+    plain = th.autograd.grad(follower.loss(rollout, batch, None)[0], critic)
     coupled_norm = float(th.cat([g.flatten() for g in coupled]).norm())
     plain_norm = float(th.cat([g.flatten() for g in plain]).norm())
     fitted, other = (coupled_norm, plain_norm) if follower_objective == "coupled" else (plain_norm, coupled_norm)

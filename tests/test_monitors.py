@@ -25,8 +25,8 @@ from sb3_blpo.callbacks import (
     PlasticityMonitor,
     TrainabilityCallback,
 )
-from sb3_blpo.common.model_view import OnPolicyModelView
 from sb3_blpo.callbacks.monitors import TRAINABILITY_METRIC_NAMES
+from sb3_blpo.common.model_view import OnPolicyModelView
 from sb3_blpo.curvature import SpectralQuadrature, epsilon_rank
 
 TINY_NET = dict(net_arch=dict(pi=[8, 8], vf=[8, 8]))

@@ -67,14 +67,14 @@ class KernelWindow:
         self.future = same_segment & (offset >= 0)
         self.past = same_segment & (offset < 0)
 
-    def rows(self, decay: float, future: bool, dtype: th.dtype) -> th.Tensor:
+    def rows(self, decay: float, dtype: th.dtype, *, future: bool) -> th.Tensor:
         """Weights ``(B, n_steps)``: ``decay^{|j − t_b|}`` on ``j ≥ t_b`` (``future``) or ``j < t_b``, same episode."""
         mask = self.future if future else self.past
         return th.where(mask, self.kernel.powers(decay, dtype)[self.distance], th.zeros((), dtype=dtype))
 
-    def apply(self, decay: float, future: bool, per_step: th.Tensor) -> th.Tensor:
+    def apply(self, decay: float, per_step: th.Tensor, *, future: bool) -> th.Tensor:
         """``Σ_j rows[b, j] · per_step[env_b, j]`` for a ``(n_envs, n_steps)`` quantity."""
-        return (self.rows(decay, future, per_step.dtype) * per_step[self.env_index]).sum(dim=1)
+        return (self.rows(decay, per_step.dtype, future=future) * per_step[self.env_index]).sum(dim=1)
 
 
 class DifferentiableGAE:
@@ -138,7 +138,7 @@ class DifferentiableGAE:
 
     def minibatch(self, td_errors: th.Tensor, window: KernelWindow) -> th.Tensor:
         """Advantages ``(B,)`` of the minibatch entries of ``window`` given :meth:`td_errors`."""
-        return window.apply(self.gamma * self.gae_lambda, True, td_errors)
+        return window.apply(self.gamma * self.gae_lambda, td_errors, future=True)
 
     def rollout(self, td_errors: th.Tensor) -> th.Tensor:
         """Advantages ``(n_envs, n_steps)`` of every rollout entry given :meth:`td_errors`, differentiable.

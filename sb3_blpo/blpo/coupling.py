@@ -58,10 +58,10 @@ def coupled_targets_and_weights(
     shifted_targets = targets
     weights = th.ones_like(targets)
     if mode in ("target", "both"):
-        shifted_targets = targets + window.apply(gamma, True, excess * rollout_advantages)
+        shifted_targets = targets + window.apply(gamma, excess * rollout_advantages, future=True)
     if mode in ("distribution", "both"):
         # A negative weight would turn the regression into a maximisation; clamp at zero (first-order expansion only).
-        weights = th.clamp(1.0 + window.apply(1.0, False, excess), min=0.0)
+        weights = th.clamp(1.0 + window.apply(1.0, excess, future=False), min=0.0)
     return shifted_targets, weights
 
 

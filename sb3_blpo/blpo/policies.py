@@ -15,7 +15,7 @@ from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticP
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
-from sb3_blpo.hypergrad import unique_parameters
+from sb3_blpo.common.parameters import actor_modules_parameters, critic_modules_parameters
 
 
 class _BilevelSplit:
@@ -37,31 +37,13 @@ class _BilevelSplit:
         self.optimizer = self.optimizer_class(actor, lr=lr_schedule(1), **self.optimizer_kwargs)
         self.critic_optimizer = self.optimizer_class(critic, lr=lr_schedule(1), **self.optimizer_kwargs)
 
-    def _actor_modules(self: Any) -> list[nn.Module]:
-        return [self.pi_features_extractor, self._extractor_branch("policy_net"), self.action_net]
-
-    def _critic_modules(self: Any) -> list[nn.Module]:
-        return [self.vf_features_extractor, self._extractor_branch("value_net"), self.value_net]
-
-    def _extractor_branch(self: Any, name: str) -> nn.Module:
-        branch = getattr(self.mlp_extractor, name, None)
-        if not isinstance(branch, nn.Module):
-            raise TypeError(
-                f"BLPO needs separate actor and critic branches: mlp_extractor ({type(self.mlp_extractor).__name__}) "
-                f"has no module `{name}`. Use SB3's MlpExtractor or a subclass with `policy_net` and `value_net`."
-            )
-        return branch
-
     def actor_parameters(self: Any) -> list[nn.Parameter]:
         """Leader parameters θ: actor features extractor, policy branch, action head and ``log_std``."""
-        params = unique_parameters(p for module in self._actor_modules() for p in module.parameters())
-        if isinstance(getattr(self, "log_std", None), nn.Parameter):
-            params.append(self.log_std)
-        return params
+        return actor_modules_parameters(self)
 
     def critic_parameters(self: Any) -> list[nn.Parameter]:
         """Follower parameters w: critic features extractor, value branch and value head."""
-        return unique_parameters(p for module in self._critic_modules() for p in module.parameters())
+        return critic_modules_parameters(self)
 
     def _check_partition(self: Any, actor: list[nn.Parameter], critic: list[nn.Parameter]) -> None:
         actor_ids, critic_ids = {id(p) for p in actor}, {id(p) for p in critic}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch as th
 
+from sb3_blpo._validation import InvalidParameterError
 from sb3_blpo.curvature.lanczos import SpectralQuadrature, TraceEstimate, trace_estimate_from_samples
 
 
@@ -24,10 +25,10 @@ def check_epsilons(epsilons: Sequence[float]) -> tuple[float, ...]:
     """
     values = tuple(float(eps) for eps in epsilons)
     if not values:
-        raise ValueError("at least one epsilon is required")
+        raise InvalidParameterError("at least one epsilon is required")
     bad = [eps for eps in values if not (math.isfinite(eps) and eps > 0)]
     if bad:
-        raise ValueError(f"epsilons must be positive and finite, got {bad}")
+        raise InvalidParameterError(f"epsilons must be positive and finite, got {bad}")
     return values
 
 
@@ -117,7 +118,7 @@ def negative_mass(quadrature: SpectralQuadrature, threshold: float = 0.0) -> flo
     :param threshold: non-negative threshold.
     """
     if threshold < 0:
-        raise ValueError(f"threshold must be non-negative, got {threshold}")
+        raise InvalidParameterError(f"threshold must be non-negative, got {threshold}")
     return float(quadrature.expectation(lambda theta: (theta < -threshold).to(theta.dtype)).mean())
 
 

@@ -6,8 +6,8 @@ Pure torch: nothing here imports Stable-Baselines3.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch as th
 
@@ -23,16 +23,12 @@ class Hypergradient:
     :param outer_grad_inner: ``v = ∇w f``, the outer loss's gradient w.r.t. the inner (follower) parameters.
     :param correction: ``u = ∂²g/∂θ∂w · x`` with ``x ≈ (∇²ww g)⁻¹ v``, before any norm bound.
     :param ihvp: the IHVP solve that produced ``x``.
-    :param seconds: host wall time of each phase: ``"gradients"`` (``∇θ f`` and ``∇w f``), ``"ihvp"`` (the solve,
-        including the ``create_graph`` backward of ``g``) and ``"mixed"`` (the mixed product). On an asynchronous
-        device (CUDA) these are launch times unless the caller synchronises.
     """
 
     direct: th.Tensor
     outer_grad_inner: th.Tensor
     correction: th.Tensor
     ihvp: IHVPResult
-    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def total(self) -> th.Tensor:
@@ -48,6 +44,7 @@ def implicit_hypergradient(
     solver: IHVPSolver,
     damping: float = 0.0,
     curvature: CurvatureOperator | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> Hypergradient:
     """Hypergradient of ``min_θ F(θ) = f(θ, w*(θ))`` with ``w*(θ) = argmin_w g(θ, w)``.
 
@@ -69,6 +66,9 @@ def implicit_hypergradient(
     :param curvature: the matrix the solver inverts in place of ``∇²ww g``, e.g. its positive semi-definite
         Gauss–Newton part (:class:`~sb3_blpo.hypergrad.hvp.GaussNewtonProduct`) or the Hessian of another follower
         loss; ``None``: the Hessian of ``inner_loss``. The mixed term always differentiates ``inner_loss``.
+    :param on_phase: called with ``"gradients"`` (``∇θ f`` and ``∇w f``), ``"ihvp"`` (the solve, including the
+        ``create_graph`` backward of ``g``) and ``"mixed"`` (the mixed product) as each phase ends, e.g. to time them
+        (:class:`sb3_blpo.common.update_stats.PhaseTimer`); on CUDA, synchronise in the callback for device times.
     :return: the direct term, ``∇w f``, the correction and the IHVP result; ``.total`` is the hypergradient.
     """
     outer_params, inner_params = list(outer_params), list(inner_params)
@@ -83,7 +83,7 @@ def implicit_hypergradient(
     if any(id(p) in inner_ids for p in outer_params):
         raise ValueError("outer_params and inner_params must be disjoint; a tensor appears in both")
 
-    started = time.perf_counter()
+    mark = on_phase or (lambda _phase: None)
     # retain_graph: f and g usually share part of the forward graph (e.g. the critic's values), and the
     # create_graph backward of g below still needs it.
     grads = th.autograd.grad(outer_loss, outer_params + inner_params, retain_graph=True, allow_unused=True)
@@ -91,17 +91,13 @@ def implicit_hypergradient(
     direct = flatten(grads[:n_outer], like=outer_params).detach()
     v = flatten(grads[n_outer:], like=inner_params).detach()
 
-    gradients_done = time.perf_counter()
+    mark("gradients")
     hvp = HessianVectorProduct(inner_loss, inner_params, damping=damping)
     ihvp = solver.solve(hvp if curvature is None else curvature, v)
-    ihvp_done = time.perf_counter()
+    mark("ihvp")
     correction = hvp.mixed_product(outer_params, ihvp.x).detach()
-    seconds = {
-        "gradients": gradients_done - started,
-        "ihvp": ihvp_done - gradients_done,
-        "mixed": time.perf_counter() - ihvp_done,
-    }
-    return Hypergradient(direct=direct, outer_grad_inner=v, correction=correction, ihvp=ihvp, seconds=seconds)
+    mark("mixed")
+    return Hypergradient(direct=direct, outer_grad_inner=v, correction=correction, ihvp=ihvp)
 
 
 def bound_correction(direct: th.Tensor, correction: th.Tensor, bound: float) -> tuple[th.Tensor, bool]:
