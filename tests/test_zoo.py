@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from sb3_blpo import BLPO
-from sb3_blpo.zoo import PACKAGED_CONFIGS, config_path, main, register
-from sb3_blpo.zoo.configs import packaged_config_dir
+from sb3_blpo.zoo import config_path, main, register
 from sb3_blpo.zoo.hyperparams_opt import convert_blpo_params, sample_blpo_params
 from sb3_blpo.zoo.storage import check_storage, open_storage
 
@@ -187,14 +186,6 @@ def test_packaged_cartpole_entry_solves_cartpole(tmp_path, seed):
 
 
 # ---------------------------------------------------------------------------------------------------- configs
-@pytest.mark.parametrize("name", sorted(PACKAGED_CONFIGS))
-def test_packaged_copy_matches_zoo_hyperparams(name):
-    source = REPO_ROOT / "zoo_hyperparams" / PACKAGED_CONFIGS[name]
-    shipped = packaged_config_dir() / PACKAGED_CONFIGS[name]
-    assert shipped.read_bytes() == source.read_bytes(), f"copy {source} to {shipped} (the package ships that copy)"
-    assert config_path(name).read_bytes() == source.read_bytes()
-
-
 def test_blpo_yml_has_the_required_entries():
     config = yaml.safe_load(config_path("blpo").read_text())
     assert set(BLPO_ENTRIES) | {"default"} == set(config)

@@ -51,7 +51,8 @@ _SOURCE_ROOT = _PACKAGE_DIR.parents[1]
 
 
 def packaged_config_dir() -> Path:
-    """The folder of the configs shipped as package data (``sb3_blpo/zoo/hyperparams``)."""
+    """The folder of the configs shipped as package data in a wheel (``sb3_blpo/zoo/hyperparams``, copied there from
+    ``zoo_hyperparams/`` at build time by ``setup.py``; absent in a source checkout)."""
     return _PACKAGE_DIR / "hyperparams"
 
 
@@ -67,8 +68,8 @@ def config_path(name: str) -> Path:
     """
     Path of a config shipped with sb3_blpo.
 
-    In a source checkout (editable install) this is the file in ``zoo_hyperparams/``, the copy to edit; otherwise it is
-    the identical copy shipped as package data in ``sb3_blpo/zoo/hyperparams/`` (a test keeps the two equal).
+    In a source checkout (editable install) this is the file in ``zoo_hyperparams/``, the one committed copy; in an
+    installed wheel it is the copy the build put in ``sb3_blpo/zoo/hyperparams/``.
 
     :param name: a key of :data:`PACKAGED_CONFIGS` (``"blpo"``, ``"ppo_plasticity"``) or its file name
     :return: the path of the yaml file
