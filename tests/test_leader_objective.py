@@ -14,7 +14,7 @@ import torch as th
 
 from sb3_blpo import BLPO
 from sb3_blpo.blpo.advantages import DifferentiableGAE
-from sb3_blpo.blpo.coupling import coupled_critic_loss, prefix_mean_f2
+from sb3_blpo.blpo.coupling import coupled_targets_and_weights, prefix_mean_f2, weighted_squared_error
 from sb3_blpo.blpo.objectives import leader_loss
 from sb3_blpo.hypergrad import DenseSolver, GaussNewtonProduct, implicit_hypergradient
 
@@ -138,8 +138,17 @@ class LinearCriticProblem:
     def follower(self, theta: th.Tensor, w: th.Tensor) -> th.Tensor:
         ratios = self.ratios(theta).view(self.n_envs, self.n_steps)
         values = self.features[self.batch] @ w
-        return coupled_critic_loss(
-            values, self.targets[self.batch], ratios, self.rollout_advantages, self.window, self.gamma, self.mode, NO_CLIP
+        return weighted_squared_error(
+            values,
+            *coupled_targets_and_weights(
+                self.targets[self.batch],
+                ratios,
+                self.rollout_advantages,
+                self.window,
+                gamma=self.gamma,
+                mode=self.mode,
+                ratio_clip=NO_CLIP,
+            ),
         )
 
     def best_response(self, theta: th.Tensor) -> th.Tensor:
@@ -163,7 +172,13 @@ def test_dense_hypergradient_of_the_improvement_form_equals_finite_differences(m
         from sb3_blpo.blpo.coupling import coupled_targets_and_weights
 
         _, weights = coupled_targets_and_weights(
-            problem.targets[problem.batch], ratios, problem.rollout_advantages, problem.window, problem.gamma, mode, NO_CLIP
+            problem.targets[problem.batch],
+            ratios,
+            problem.rollout_advantages,
+            problem.window,
+            gamma=problem.gamma,
+            mode=mode,
+            ratio_clip=NO_CLIP,
         )
         values = problem.features[problem.batch] @ w
         operator = GaussNewtonProduct(values, [w], weights=weights * 2.0 / len(problem.batch))

@@ -197,27 +197,29 @@ class BLPO(LossTermHost, TruncatedStepRecorder, OnPolicyAlgorithm):
             sde_sample_freq=sde_sample_freq,
             rollout_buffer_class=rollout_buffer_class,
             rollout_buffer_kwargs=rollout_buffer_kwargs,
+            supported_action_spaces=(spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
             stats_window_size=stats_window_size,
             tensorboard_log=tensorboard_log,
-            policy_kwargs=policy_kwargs,
             verbose=verbose,
             device=device,
             seed=seed,
+            # _setup_model makes share_features_extractor default to False: the bilevel split needs disjoint parameters.
+            policy_kwargs=policy_kwargs,
             _init_setup_model=False,
-            supported_action_spaces=(spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
         )
         self.critic_learning_rate = critic_learning_rate
         self.batch_size = batch_size
         self.n_epochs = n_epochs
         self.n_critic_steps = n_critic_steps
         self.clip_range = clip_range
-        self.normalize_advantage = normalize_advantage
-        self.target_kl = target_kl
-        self.ihvp_solver = ihvp_solver
         if ihvp_kwargs is not None and not isinstance(ihvp_kwargs, dict):
             raise InvalidParameterError(f"ihvp_kwargs must be a dict or None, got {ihvp_kwargs!r}")
         self.ihvp_kwargs = dict(ihvp_kwargs or {})
+        self.normalize_advantage = normalize_advantage
+        self.target_kl = target_kl
+        self.ihvp_solver = ihvp_solver
         self.hypergrad_bound = hypergrad_bound
+        # What the leader and the follower optimise (see the class docstring and docs/blpo.md).
         self.leader_objective = leader_objective
         self.actor_advantages = actor_advantages
         self.follower_objective = follower_objective
@@ -377,8 +379,8 @@ class BLPO(LossTermHost, TruncatedStepRecorder, OnPolicyAlgorithm):
     def _follower(self) -> Follower:
         """The critic side of this update, with the current settings."""
         return Follower(
-            self.policy,
-            self._critic_params,
+            policy=self.policy,
+            critic_params=self._critic_params,
             gamma=self.gamma,
             coupling=self.coupling,
             coupling_clip=self.coupling_clip,
@@ -498,11 +500,4 @@ class BLPO(LossTermHost, TruncatedStepRecorder, OnPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfBLPO:
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )
+        return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)

@@ -35,6 +35,7 @@ def coupled_targets_and_weights(
     ratios: th.Tensor,
     rollout_advantages: th.Tensor,
     window: KernelWindow,
+    *,
     gamma: float,
     mode: str = "target",
     ratio_clip: float = 0.2,
@@ -69,24 +70,6 @@ def weighted_squared_error(values: th.Tensor, targets: th.Tensor, weights: th.Te
     """``mean_B ω_t (y_t − V_t)²`` (plain MSE without weights): the follower's regression loss, written once."""
     squared = (targets - values) ** 2
     return (squared if weights is None else weights * squared).mean()
-
-
-def coupled_critic_loss(
-    values: th.Tensor,
-    targets: th.Tensor,
-    ratios: th.Tensor,
-    rollout_advantages: th.Tensor,
-    window: KernelWindow,
-    gamma: float,
-    mode: str = "target",
-    ratio_clip: float = 0.2,
-) -> th.Tensor:
-    """``g̃(θ, w)`` on a minibatch: :func:`weighted_squared_error` of ``values`` ``(B,)`` (graph to ``w``) against the
-    shifted targets with the state weights of :func:`coupled_targets_and_weights` (same parameters)."""
-    shifted_targets, weights = coupled_targets_and_weights(
-        targets, ratios, rollout_advantages, window, gamma, mode=mode, ratio_clip=ratio_clip
-    )
-    return weighted_squared_error(values, shifted_targets, weights)
 
 
 def prefix_mean_f2(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch as th
@@ -22,6 +23,7 @@ from sb3_blpo.common.surrogate import clipped_surrogate
 from sb3_blpo.hypergrad import CurvatureOperator, GaussNewtonProduct, HessianVectorProduct
 
 
+@dataclass(frozen=True)
 class Follower:
     """The critic of one BLPO update (see the module docstring; the settings are :class:`~sb3_blpo.BLPO`'s).
 
@@ -38,32 +40,17 @@ class Follower:
     :param on_nonfinite: called with a description when a nested step's gradient is not finite (the step is skipped).
     """
 
-    def __init__(
-        self,
-        policy: Any,
-        critic_params: list[nn.Parameter],
-        *,
-        gamma: float,
-        coupling: str,
-        coupling_clip: float,
-        follower_objective: str,
-        curvature: str,
-        n_critic_steps: int,
-        max_grad_norm: float,
-        extra_loss: Callable[[str, PyTorchObs], th.Tensor | float],
-        on_nonfinite: Callable[[str], None],
-    ) -> None:
-        self.policy = policy
-        self.critic_params = critic_params
-        self.gamma = gamma
-        self.coupling = coupling
-        self.coupling_clip = coupling_clip
-        self.follower_objective = follower_objective
-        self.curvature = curvature
-        self.n_critic_steps = n_critic_steps
-        self.max_grad_norm = max_grad_norm
-        self.extra_loss = extra_loss
-        self.on_nonfinite = on_nonfinite
+    policy: Any
+    critic_params: list[nn.Parameter]
+    gamma: float
+    coupling: str
+    coupling_clip: float
+    follower_objective: str
+    curvature: str
+    n_critic_steps: int
+    max_grad_norm: float
+    extra_loss: Callable[[str, PyTorchObs], th.Tensor | float]
+    on_nonfinite: Callable[[str], None]
 
     def loss(
         self, rollout: BilevelRollout, batch: Minibatch, ratios: th.Tensor | None

@@ -640,7 +640,14 @@ class TrainabilityCallback(_RolloutMonitor):
         seed: int = 0,
         verbose: int = 0,
     ) -> None:
-        super().__init__(None, True, n_samples, min_task_samples, seed, verbose)
+        super().__init__(
+            every_n_rollouts=None,  # task starts only: the measurement point of the trainability indicator
+            on_task_switch=True,
+            n_samples=n_samples,
+            min_task_samples=min_task_samples,
+            seed=seed,
+            verbose=verbose,
+        )
         self.epsilon = None if epsilon is None else check_epsilons((epsilon,))[0]
         self.relative_epsilon = check_float(
             "relative_epsilon", relative_epsilon, minimum=0.0, maximum=1.0, allow_minimum=False

@@ -258,13 +258,11 @@ class PermutedObservations(ContinualTaskWrapper):
         return (obs.reshape(-1)[self.permutation] * self.signs).reshape(obs.shape)
 
 
-class FlippedRewards(ContinualTaskWrapper):
-    """Each task multiplies the reward by ``(-1)^k · scale_k``: the sign alternates, the scale is drawn per task.
+class _ScaledTaskWrapper(ContinualTaskWrapper):
+    """A task wrapper whose tasks also draw a log-uniform scale from ``scale_range``; subclasses set up their state in
+    :meth:`_prepare` (before the base class applies task 0).
 
-    :param env: any environment with scalar rewards.
-    :param steps_per_task: env steps per task (``None``: switch only through :meth:`set_task`).
-    :param schedule_seed: seed of the scales.
-    :param scale_range: ``(low, high)`` of the log-uniform scale, ``0 < low <= high`` (default ``(1, 1)``: pure sign flips).
+    :param scale_range: ``(low, high)`` of the log-uniform scale, ``0 < low <= high``.
     """
 
     def __init__(
@@ -278,8 +276,24 @@ class FlippedRewards(ContinualTaskWrapper):
             self, steps_per_task=steps_per_task, schedule_seed=schedule_seed, scale_range=scale_range
         )
         self.scale_range = _check_range("scale_range", scale_range, 0.0, allow_minimum=False)
-        self.reward_factor = 1.0
+        self._prepare(env)
         super().__init__(env, steps_per_task, schedule_seed)
+
+    def _prepare(self, env: gym.Env) -> None:
+        """Set up what :meth:`_apply_task` needs, from the wrapped ``env``."""
+
+
+class FlippedRewards(_ScaledTaskWrapper):
+    """Each task multiplies the reward by ``(-1)^k · scale_k``: the sign alternates, the scale is drawn per task.
+
+    :param env: any environment with scalar rewards.
+    :param steps_per_task: env steps per task (``None``: switch only through :meth:`set_task`).
+    :param schedule_seed: seed of the scales.
+    :param scale_range: ``(low, high)`` of the log-uniform scale, ``0 < low <= high`` (default ``(1, 1)``: pure sign flips).
+    """
+
+    def _prepare(self, env: gym.Env) -> None:
+        self.reward_factor = 1.0
 
     def _apply_task(self, task: int) -> None:
         scale = float(_log_uniform(self.task_rng(task), self.scale_range))
@@ -289,7 +303,7 @@ class FlippedRewards(ContinualTaskWrapper):
         return float(reward) * self.reward_factor
 
 
-class FlippedActions(ContinualTaskWrapper):
+class FlippedActions(_ScaledTaskWrapper):
     """Each task changes the meaning of the actions.
 
     ``Discrete`` action spaces: a random permutation of the actions per task. ``Box`` action spaces: each dimension is
@@ -302,18 +316,8 @@ class FlippedActions(ContinualTaskWrapper):
     :param scale_range: ``(low, high)`` of the log-uniform scale of ``Box`` actions, ``0 < low <= high``.
     """
 
-    def __init__(
-        self,
-        env: gym.Env,
-        steps_per_task: int | None = None,
-        schedule_seed: int = 0,
-        scale_range: tuple[float, float] = (1.0, 1.0),
-    ) -> None:
-        gym.utils.RecordConstructorArgs.__init__(
-            self, steps_per_task=steps_per_task, schedule_seed=schedule_seed, scale_range=scale_range
-        )
+    def _prepare(self, env: gym.Env) -> None:
         space = env.action_space
-        self.scale_range = _check_range("scale_range", scale_range, 0.0, allow_minimum=False)
         if isinstance(space, spaces.Discrete):
             self.action_permutation = np.arange(int(space.n))
         elif isinstance(space, spaces.Box):
@@ -324,7 +328,6 @@ class FlippedActions(ContinualTaskWrapper):
             self.action_factor = np.ones(space.shape)
         else:
             raise InvalidParameterError(f"env must have a Discrete or Box action space, got {space!r}")
-        super().__init__(env, steps_per_task, schedule_seed)
 
     def _apply_task(self, task: int) -> None:
         rng = self.task_rng(task)
