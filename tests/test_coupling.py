@@ -14,7 +14,7 @@ import pytest
 import torch as th
 
 from sb3_blpo.blpo.advantages import DifferentiableGAE
-from sb3_blpo.blpo.coupling import COUPLING_MODES, coupled_targets_and_weights, weighted_squared_error
+from sb3_blpo.blpo.coupling import COUPLING_MODES, coupled_critic_loss
 from sb3_blpo.hypergrad import DenseSolver, HessianVectorProduct, implicit_hypergradient
 
 DTYPE = th.float64
@@ -70,17 +70,15 @@ class ToyRollout:
     def critic_objective(self, theta: th.Tensor, w: th.Tensor, index: th.Tensor, mode: str) -> th.Tensor:
         window = self.gae.kernel.window(index // N_STEPS, index % N_STEPS)
         values = self.values(w)[0].flatten()[index]
-        return weighted_squared_error(
+        return coupled_critic_loss(
             values,
-            *coupled_targets_and_weights(
-                self.targets.flatten()[index],
-                self.ratios(theta),
-                self.old_advantages,
-                window,
-                gamma=GAMMA,
-                mode=mode,
-                ratio_clip=CLIP,
-            ),
+            self.targets.flatten()[index],
+            self.ratios(theta),
+            self.old_advantages,
+            window,
+            gamma=GAMMA,
+            mode=mode,
+            ratio_clip=CLIP,
         )
 
     def best_response(self, theta: th.Tensor, index: th.Tensor, mode: str) -> th.Tensor:

@@ -17,7 +17,7 @@ Pure torch: no Stable-Baselines3 import.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch as th
 
@@ -70,6 +70,12 @@ def weighted_squared_error(values: th.Tensor, targets: th.Tensor, weights: th.Te
     """``mean_B ω_t (y_t − V_t)²`` (plain MSE without weights): the follower's regression loss, written once."""
     squared = (targets - values) ** 2
     return (squared if weights is None else weights * squared).mean()
+
+
+def coupled_critic_loss(values: th.Tensor, *coupling_args: Any, **coupling_kwargs: Any) -> th.Tensor:
+    """``g̃(θ, w)`` on a minibatch: :func:`weighted_squared_error` of ``values`` ``(B,)`` (graph to ``w``) against the
+    shifted targets, with the state weights, of :func:`coupled_targets_and_weights` (the other arguments are its)."""
+    return weighted_squared_error(values, *coupled_targets_and_weights(*coupling_args, **coupling_kwargs))
 
 
 def prefix_mean_f2(
