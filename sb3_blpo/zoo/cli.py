@@ -8,9 +8,12 @@ runs. On top of rl-zoo3's own options the launcher
   configs (``--conf-file ppo_plasticity``),
 * defaults ``enjoy``'s ``--folder`` to ``logs`` for ``--algo blpo`` (there are no pretrained BLPO agents to download),
 * checks the env id, the config entry, the hyperparameters and ``--storage`` first and reports a bad value in one line,
-* adds ``--n-workers N`` to ``train --optimize``: N worker processes that share one Optuna storage.
+* adds ``--n-workers N`` to ``train --optimize``: N worker processes that share one Optuna storage; a worker that
+  dies is reported (exit status 1) and its running trial is marked FAIL,
+* marks FAIL, before tuning, the trials that a dead worker left RUNNING (``--fail-stale-trials``: all of them), and
+  repairs a journal whose last record was cut off (``--repair-journal``).
 
-Everything else is forwarded to rl-zoo3 unchanged.
+Everything else is forwarded to rl-zoo3 unchanged. See "Fault behaviour and resume" in ``docs/zoo.md``.
 """
 
 from __future__ import annotations
@@ -34,10 +37,17 @@ from typing import Any
 from sb3_blpo.zoo.configs import PACKAGED_CONFIGS, config_path, resolve_conf_file
 from sb3_blpo.zoo.errors import INSTALL_HINT, ZooDependencyError, ZooError, ZooInputError
 
+# The same constants as sb3_blpo.zoo.storage (not imported here: ``import sb3_blpo.zoo`` stays light).
+HEARTBEAT_INTERVAL_S = 60
+HEARTBEAT_GRACE_INTERVALS = 5
+
 PROG = "sb3-blpo-zoo"
 #: The ``--algo`` name under which BLPO is registered in rl-zoo3.
 ALGO_NAME = "blpo"
 COMMANDS = ("train", "enjoy", "configs")
+#: Exit status when a tuning worker failed (died by a signal or exited non-zero).
+EXIT_WORKER_FAILED = 1
+_POLL_S = 0.25
 
 _USAGE = f"""usage: {PROG} {{train,enjoy,configs}} [options]
 
@@ -48,6 +58,13 @@ _USAGE = f"""usage: {PROG} {{train,enjoy,configs}} [options]
 Run '{PROG} train -h' for rl-zoo3's options. Added by {PROG}:
   train --optimize --n-workers N   run N tuning worker processes sharing one Optuna storage
                                    (default storage: <log-folder>/<algo>/<env>_study.log, a journal file)
+  train --optimize --fail-stale-trials
+                                   first mark FAIL every RUNNING trial of the study (when no worker is running);
+                                   without it, only the trials of dead workers of this host are marked FAIL
+  train --optimize --repair-journal
+                                   first back up and truncate a journal whose last record was cut off by a crash
+  train --optimize --heartbeat S   database storages: heartbeat every S s (default {HEARTBEAT_INTERVAL_S}, 0: none); a
+                                   trial without one for {HEARTBEAT_GRACE_INTERVALS} x S s is marked FAIL as stale
   --conf-file NAME                 NAME may be a packaged config: {", ".join(PACKAGED_CONFIGS)}
                                    (default for --algo {ALGO_NAME}: the packaged {PACKAGED_CONFIGS[ALGO_NAME]})
 """
@@ -94,25 +111,35 @@ def _zoo_argv(command: str, args: Sequence[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _checked_experiment_manager() -> Iterator[None]:
+def _checked_experiment_manager(heartbeat_interval: int | None = HEARTBEAT_INTERVAL_S) -> Iterator[None]:
     """Make ``rl_zoo3.train.train()`` build a :class:`~sb3_blpo.zoo.exp_manager.CheckedExperimentManager`."""
     import rl_zoo3.train as zoo_train
 
     from sb3_blpo.zoo.exp_manager import CheckedExperimentManager
 
     original = zoo_train.ExperimentManager
+    original_heartbeat = CheckedExperimentManager.heartbeat_interval
     zoo_train.ExperimentManager = CheckedExperimentManager  # type: ignore[misc]
+    CheckedExperimentManager.heartbeat_interval = heartbeat_interval
     try:
         yield
     finally:
         zoo_train.ExperimentManager = original  # type: ignore[misc]
+        CheckedExperimentManager.heartbeat_interval = original_heartbeat
 
 
-def _split_n_workers(args: Sequence[str]) -> tuple[int | None, list[str]]:
+def _split_launcher_options(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The ``train`` options of the launcher itself (not rl-zoo3's): they are not forwarded to rl-zoo3."""
     parser = argparse.ArgumentParser(prog=f"{PROG} train", add_help=False, allow_abbrev=False)
     parser.add_argument("--n-workers", type=int, default=None)
+    parser.add_argument("--fail-stale-trials", action="store_true")
+    parser.add_argument("--repair-journal", action="store_true")
+    parser.add_argument("--heartbeat", type=int, default=HEARTBEAT_INTERVAL_S)
     known, rest = parser.parse_known_args(list(args))
-    return known.n_workers, rest
+    if known.heartbeat < 0:
+        raise ZooInputError(f"--heartbeat must be >= 0 seconds (0: no heartbeat), got {known.heartbeat}")
+    known.heartbeat_interval = known.heartbeat or None
+    return known, rest
 
 
 def _train_options(args: Sequence[str]) -> argparse.Namespace:
@@ -182,7 +209,7 @@ def _env_name(env_id: str) -> str:
 
 
 def _train(args: list[str]) -> int:
-    n_workers, args = _split_n_workers(args)
+    launcher, args = _split_launcher_options(args)
     options = _train_options(args)
     if options.help:
         print(f"{PROG}: rl-zoo3's train with BLPO registered as --algo {ALGO_NAME}; see also '{PROG} --help'.\n")
@@ -200,17 +227,37 @@ def _train(args: list[str]) -> int:
         args = ["--conf-file", str(config_path(ALGO_NAME)), *args]
     if options.optimize:
         _check_pandas()
-    if n_workers is not None:
-        return _run_workers(n_workers, args, options)
+    if launcher.n_workers is not None:
+        return _run_workers(launcher, args, options)
+    if launcher.repair_journal and not (options.optimize and options.storage):
+        raise ZooInputError("--repair-journal repairs the journal of a tuning run: it needs --optimize and --storage PATH.log")
+    if launcher.fail_stale_trials and not (options.optimize and options.storage and options.study_name):
+        raise ZooInputError("--fail-stale-trials needs --optimize, --storage and --study-name (the study to resume)")
     if options.storage is not None and (options.optimize or options.trial_id is not None):
-        from sb3_blpo.zoo.storage import check_storage
-
-        check_storage(options.storage)
+        _prepare_storage(options.storage, options.study_name if options.optimize else None, launcher)
     from rl_zoo3.train import train
 
-    with _zoo_argv("train", args), _checked_experiment_manager():
+    with _zoo_argv("train", args), _checked_experiment_manager(launcher.heartbeat_interval):
         train()
     return 0
+
+
+def _prepare_storage(storage: str, study_name: str | None, launcher: argparse.Namespace) -> None:
+    """
+    Repair (``--repair-journal``) and check the storage, then mark FAIL the trials of ``study_name`` left RUNNING by
+    dead workers (all RUNNING trials with ``--fail-stale-trials``), so that ``--max-total-trials`` counts finished work.
+    """
+    from sb3_blpo.zoo.storage import check_storage, fail_stale_trials, repair_journal
+
+    if launcher.repair_journal:
+        print(f"{PROG}: {repair_journal(storage)}", flush=True)
+    check_storage(storage)
+    if study_name is not None:
+        failed = fail_stale_trials(
+            storage, study_name, force=launcher.fail_stale_trials, heartbeat_interval=launcher.heartbeat_interval
+        )
+        for line in failed:
+            print(f"{PROG}: study {study_name!r}: {line}", flush=True)
 
 
 def _enjoy(args: list[str]) -> int:
@@ -252,10 +299,14 @@ def _check_model(options: argparse.Namespace) -> None:
         ) from None
 
 
-def _run_workers(n_workers: int, args: list[str], options: argparse.Namespace) -> int:
-    """Run ``n_workers`` copies of this ``train --optimize`` command on one shared storage and summarize the study."""
-    from sb3_blpo.zoo.storage import check_storage
+def _run_workers(launcher: argparse.Namespace, args: list[str], options: argparse.Namespace) -> int:
+    """
+    Run ``launcher.n_workers`` copies of this ``train --optimize`` command on one shared storage and summarize the study.
 
+    :return: 0, or :data:`EXIT_WORKER_FAILED` when a worker died by a signal or exited non-zero (each is named on
+        stderr, and the trials it left RUNNING are marked FAIL as soon as it is seen dead)
+    """
+    n_workers = launcher.n_workers
     if n_workers < 1:
         raise ZooInputError(f"--n-workers must be >= 1, got {n_workers}")
     if not options.optimize:
@@ -263,39 +314,102 @@ def _run_workers(n_workers: int, args: list[str], options: argparse.Namespace) -
     env_name = _env_name(options.env)
     storage = options.storage or os.path.join(options.log_folder, options.algo, f"{env_name}_study.log")
     study_name = options.study_name or f"{options.algo}_{env_name}"
-    check_storage(storage)
+    _prepare_storage(storage, study_name, launcher)
     log_dir = Path(options.log_folder) / options.algo / "workers"
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"{PROG}: {n_workers} tuning workers, study {study_name!r} on storage {storage!r}", flush=True)
-    processes = []
-    log_files = []
-    for index in range(n_workers):
-        worker_args = [*args, "--storage", storage, "--study-name", study_name, "-uuid"]
-        if options.seed >= 0:
-            worker_args += ["--seed", str(options.seed + index)]  # distinct seeds, else the workers sample alike
-        log_path = log_dir / f"{study_name}_worker{index}.log"
-        log_file = log_path.open("w")
-        log_files.append((log_path, log_file))
-        command = [sys.executable, "-m", "sb3_blpo.zoo", "train", *worker_args]
-        processes.append(subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT))
-        print(f"  worker {index}: pid {processes[-1].pid}, log {log_path}", flush=True)
+    processes: list[subprocess.Popen] = []
+    log_paths: list[Path] = []
+    heartbeat = ["--heartbeat", str(launcher.heartbeat)]
+    with contextlib.ExitStack() as logs:
+        for index in range(n_workers):
+            worker_args = [*args, "--storage", storage, "--study-name", study_name, "-uuid", *heartbeat]
+            if options.seed >= 0:
+                worker_args += ["--seed", str(options.seed + index)]  # distinct seeds, else the workers sample alike
+            log_path = log_dir / f"{study_name}_worker{index}.log"
+            log_file = logs.enter_context(log_path.open("w"))
+            log_paths.append(log_path)
+            command = [sys.executable, "-m", "sb3_blpo.zoo", "train", *worker_args]
+            processes.append(subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT))
+            print(f"  worker {index}: pid {processes[-1].pid}, log {log_path}", flush=True)
+        failures = _wait_workers(processes, log_paths, storage, study_name)
+    _print_study_summary(storage, study_name)
+    if failures:
+        print(
+            f"{PROG}: error: {len(failures)} of {n_workers} workers failed: {'; '.join(failures)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_WORKER_FAILED
+    return 0
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with status {code}"
+
+
+def _wait_workers(
+    processes: Sequence[subprocess.Popen], log_paths: Sequence[Path], storage: str, study_name: str
+) -> list[str]:
+    """
+    Wait for the workers; as soon as one ends, mark FAIL the trials it left RUNNING and report a failure.
+
+    :return: one description per failed worker (empty when all exited with status 0)
+    """
+    failures: list[str] = []
+    done: set[int] = set()
     try:
         with _sigterm_as_keyboard_interrupt():
-            codes = [process.wait() for process in processes]
+            while len(done) < len(processes):
+                for index, process in enumerate(processes):
+                    if index not in done and process.poll() is not None:
+                        done.add(index)
+                        failure = _worker_ended(index, process, log_paths[index], storage, study_name)
+                        if failure is not None:
+                            failures.append(failure)
+                if len(done) < len(processes):
+                    time.sleep(_POLL_S)
     except KeyboardInterrupt:
         _stop_workers(processes)
+        for index, process in enumerate(processes):
+            if index not in done:
+                _fail_trials_of(index, process, "was stopped (the launcher was interrupted)", storage, study_name)
         _print_study_summary(storage, study_name)
         raise
-    finally:
-        for _, log_file in log_files:
-            log_file.close()
-    for index, code in enumerate(codes):
-        if code != 0:
-            log_path = log_files[index][0]
-            tail = "\n".join(log_path.read_text().splitlines()[-15:])
-            print(f"{PROG}: worker {index} exited with status {code}; last lines of {log_path}:\n{tail}", file=sys.stderr)
-    _print_study_summary(storage, study_name)
-    return max(codes, default=0)
+    return failures
+
+
+def _worker_ended(index: int, process: subprocess.Popen, log_path: Path, storage: str, study_name: str) -> str | None:
+    """Report a worker that ended and mark FAIL its RUNNING trials; return a description of the failure, if any."""
+    code = process.returncode
+    what = _exit_description(code)
+    if code != 0:
+        print(f"{PROG}: worker {index} (pid {process.pid}) {what}; log: {log_path}", file=sys.stderr, flush=True)
+        if code > 0:
+            with contextlib.suppress(OSError):
+                tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                print("\n".join(f"    {line}" for line in tail), file=sys.stderr, flush=True)
+    _fail_trials_of(index, process, what, storage, study_name)
+    return None if code == 0 else f"worker {index} (pid {process.pid}) {what}"
+
+
+def _fail_trials_of(index: int, process: subprocess.Popen, what: str, storage: str, study_name: str) -> None:
+    from sb3_blpo.zoo.storage import fail_worker_trials, worker_tag
+
+    reason = f"worker {index} ({worker_tag(process.pid)}) {what} while the trial was running"
+    try:
+        lines = fail_worker_trials(storage, study_name, process.pid, reason)
+    except Exception as error:  # the storage is unreachable: report it, keep waiting for the other workers
+        print(f"{PROG}: cannot mark the trials of worker {index} FAIL: {error!r}", file=sys.stderr, flush=True)
+        return
+    for line in lines:
+        print(f"{PROG}: study {study_name!r}: {line}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -347,14 +461,27 @@ def _print_study_summary(storage: str, study_name: str) -> None:
 
     from sb3_blpo.zoo.storage import open_storage
 
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
-    states = Counter(trial.state.name for trial in study.trials)
-    workers = Counter(trial.user_attrs.get("worker", "?") for trial in study.trials if trial.state.is_finished())
-    print(f"{PROG}: study {study_name!r}: {len(study.trials)} trials ({dict(states)}); finished per worker: {dict(workers)}")
-    completed = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        trials = study.trials
+    except KeyError:
+        print(f"{PROG}: study {study_name!r} was not created (no worker got that far)")
+        return
+    except Exception as error:
+        print(f"{PROG}: cannot read study {study_name!r} from {storage!r}: {error!r}", file=sys.stderr)
+        return
+    states = Counter(trial.state.name for trial in trials)
+    workers = Counter(trial.user_attrs.get("worker", "?") for trial in trials if trial.state.is_finished())
+    print(f"{PROG}: study {study_name!r}: {len(trials)} trials ({dict(states)}); finished per worker: {dict(workers)}")
+    completed = [trial for trial in trials if trial.state == optuna.trial.TrialState.COMPLETE]
     if completed:
         best = study.best_trial
         print(f"  best trial #{best.number}: value {best.value}, params {best.params}")
+    if states.get("RUNNING"):
+        print(
+            f"  {states['RUNNING']} trial(s) still RUNNING: workers of another launcher or host, or dead ones this "
+            "launcher cannot verify; when no worker is running, resume with --fail-stale-trials"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,7 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Entry point of ``sb3-blpo-zoo`` and ``python -m sb3_blpo.zoo``.
 
     :param argv: the arguments after the program name (default: ``sys.argv[1:]``)
-    :return: the exit status: 0 on success, 2 for bad input or a missing dependency (message on stderr)
+    :return: the exit status: 0 on success, 1 when a tuning worker failed, 2 for bad input, a damaged or unwritable
+        storage or a missing dependency (message on stderr), 130 when interrupted
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):

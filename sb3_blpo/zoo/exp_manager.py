@@ -5,10 +5,9 @@ Every override adds checks or context and then calls rl-zoo3's method, so traini
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
-import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -27,14 +26,37 @@ from sb3_blpo.zoo.configs import (
 )
 from sb3_blpo.zoo.errors import ZooInputError
 from sb3_blpo.zoo.hyperparams_opt import sample_blpo_params
+from sb3_blpo.zoo.storage import (
+    HEARTBEAT_INTERVAL_S,
+    WORKER_ATTR,
+    WORKER_PIDNS_ATTR,
+    is_journal_file,
+    open_storage,
+    worker_pid_namespace,
+    worker_tag,
+)
+
+__all__ = ["BLPO_SCHEDULE_KEYS", "CheckedExperimentManager", "worker_tag"]
 
 #: Schedule keys of BLPO that rl-zoo3 does not convert itself (it converts learning_rate, clip_range, ...).
 BLPO_SCHEDULE_KEYS = ("critic_learning_rate",)
 
 
-def worker_tag() -> str:
-    """``host:pid`` of this process: recorded on each tuning trial as the user attribute ``worker``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+@contextlib.contextmanager
+def _study_storage(url: str, storage: Any) -> Iterator[None]:
+    """Make ``optuna.create_study(storage=url)`` (rl-zoo3's call) use the storage object ``storage`` instead."""
+    original = optuna.create_study
+
+    def create_study(*args: Any, **kwargs: Any) -> optuna.Study:
+        if kwargs.get("storage") == url:
+            kwargs["storage"] = storage
+        return original(*args, **kwargs)
+
+    optuna.create_study = create_study  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        optuna.create_study = original
 
 
 class CheckedExperimentManager(ExperimentManager):
@@ -46,12 +68,17 @@ class CheckedExperimentManager(ExperimentManager):
       than BLPO's rollout raise :class:`~sb3_blpo.zoo.errors.ZooInputError` before anything is built.
     * ``critic_learning_rate: lin_<x>`` becomes a linear schedule, as rl-zoo3 does for ``learning_rate``.
     * Tuning uses :func:`~sb3_blpo.zoo.hyperparams_opt.sample_blpo_params` with the config entry and the trial budget
-      bound, and tags each trial with the ``worker`` that ran it (``host:pid``).
+      bound, and tags each trial with the ``worker`` that ran it (``host:pid``, and its PID namespace as
+      ``worker_pidns``), so that a launcher can tell a dead worker's trials from a live one's.
+    * On a database storage, a running trial records a heartbeat every :attr:`heartbeat_interval` seconds; a trial
+      whose heartbeat stopped is failed as stale (see :func:`sb3_blpo.zoo.storage.open_storage`).
 
     The constructor is rl-zoo3's (see ``rl_zoo3.exp_manager.ExperimentManager``).
     """
 
     _config_entry: str | None = None
+    #: Seconds between the heartbeats of a running trial on a database storage (None: no heartbeat).
+    heartbeat_interval: int | None = HEARTBEAT_INTERVAL_S
 
     @property
     def _source(self) -> str:
@@ -103,22 +130,29 @@ class CheckedExperimentManager(ExperimentManager):
 
     def objective(self, trial: optuna.Trial) -> float:
         """
-        rl-zoo3's objective; the trial records which worker ran it (user attribute ``worker``).
+        rl-zoo3's objective; the trial records which worker ran it (user attributes ``worker`` and ``worker_pidns``).
 
         :param trial: the Optuna trial to run
         :return: the trial's last mean evaluation return
         """
-        trial.set_user_attr("worker", worker_tag())
+        trial.set_user_attr(WORKER_ATTR, worker_tag())
+        pidns = worker_pid_namespace()
+        if pidns is not None:
+            trial.set_user_attr(WORKER_PIDNS_ATTR, pidns)
         return super().objective(trial)
 
     def hyperparameters_optimization(self) -> None:
-        """rl-zoo3's tuning loop, with BLPO's sampler bound to this config entry and trial budget."""
+        """rl-zoo3's tuning loop, with BLPO's sampler bound to this config entry and trial budget, and heartbeats."""
         bound_sampler = functools.partial(sample_blpo_params, base_hyperparams=self._hyperparams, n_timesteps=self.n_timesteps)
         sampler = HYPERPARAMS_SAMPLER.get(self.algo)
         if sampler is sample_blpo_params:
             HYPERPARAMS_SAMPLER[self.algo] = bound_sampler
+        storage, heartbeat = self.storage, self.heartbeat_interval
         try:
-            super().hyperparameters_optimization()
+            with contextlib.ExitStack() as stack:
+                if storage is not None and not is_journal_file(storage) and heartbeat is not None:
+                    stack.enter_context(_study_storage(storage, open_storage(storage, heartbeat_interval=heartbeat)))
+                super().hyperparameters_optimization()
         finally:
             if sampler is not None:
                 HYPERPARAMS_SAMPLER[self.algo] = sampler
