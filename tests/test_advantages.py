@@ -344,3 +344,26 @@ def test_episode_kernel_apply() -> None:
 def test_episode_kernel_rejects_bad_shape() -> None:
     with pytest.raises(ValueError, match="episode_starts"):
         EpisodeKernel(th.zeros(5))
+
+
+@pytest.mark.parametrize("n_steps", [1, 2, 7, 16, 37, 100])
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.95, 1.0])
+@pytest.mark.parametrize("future", [True, False])
+def test_blocked_scan_equals_dense_rows(n_steps: int, decay: float, future: bool) -> None:
+    """The rollout-wide blocked scan behind KernelWindow.apply equals the dense weight rows, for every entry."""
+    generator = th.Generator().manual_seed(n_steps)
+    episode_starts = (th.rand(3, n_steps, generator=generator) < 0.15).to(DTYPE)
+    kernel = EpisodeKernel(episode_starts)
+    per_step = th.randn(3, n_steps, generator=generator, dtype=DTYPE, requires_grad=True)
+    env_index, time_index = th.arange(3).repeat_interleave(n_steps), th.arange(n_steps).repeat(3)
+    window = kernel.window(env_index, time_index)
+    expected = (window.rows(decay, DTYPE, future=future) * per_step.detach()[env_index]).sum(dim=1)
+    computed = window.apply(decay, per_step, future=future)
+    th.testing.assert_close(computed, expected, rtol=1e-12, atol=1e-12)
+    # Differentiable, with the transpose of the same weights.
+    weights = th.randn(len(env_index), generator=generator, dtype=DTYPE)
+    (gradient,) = th.autograd.grad((weights * computed).sum(), per_step)
+    expected_gradient = th.zeros(3, n_steps, dtype=DTYPE).index_put(
+        (env_index,), weights.unsqueeze(1) * window.rows(decay, DTYPE, future=future), accumulate=True
+    )
+    th.testing.assert_close(gradient, expected_gradient, rtol=1e-12, atol=1e-12)

@@ -5,15 +5,20 @@ linear in the values: within one episode segment of one env,
 
     Â_t = Σ_{j ≥ t} (γλ)^{j-t} δ_j,     δ_j = r_j + γ·(1 − done_{j+1})·V_{j+1} − V_j.
 
-For a minibatch of rollout entries ``(n_b, t_b)`` we build the weight rows ``W[b, j] = (γλ)^{j-t_b}`` for every ``j`` in
-the same env and episode segment, ``j ≥ t_b``, and get ``Â_B = Σ_j W[b, j] δ[n_b, j]`` with one broadcasted product:
-no Python loop over time, any SB3 minibatch works (unlike the authors' code, which needs minibatch = trajectory).
+For a minibatch of rollout entries ``(n_b, t_b)``, ``Â_B = Σ_j W[b, j] δ[n_b, j]`` with ``W[b, j] = (γλ)^{j-t_b}`` for
+every ``j`` in the same env and episode segment, ``j ≥ t_b``: any SB3 minibatch works (unlike the authors' code, which
+needs minibatch = trajectory). The sums are computed for the whole rollout at once by a blocked scan
+(:meth:`EpisodeKernel.discounted_sums`: blocks of ``L ≈ √n_steps`` steps, a dense ``L × L`` map inside each block and
+a dense map between block starts; ``O(n_steps^{3/2})`` per env, no Python loop over time) and gathered at the
+minibatch entries. The dense rows ``W`` (:meth:`KernelWindow.rows`, ``O(B · n_steps)``) serve as the tests' oracle.
 
 Everything here is laid out env-major, ``(n_envs, n_steps)``, matching the flat index ``i = n * n_steps + t``.
 Pure torch: no Stable-Baselines3 import.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch as th
 
@@ -37,6 +42,7 @@ class EpisodeKernel:
         self.segment = th.cumsum(starts, dim=1)
         self.steps = th.arange(self.n_steps, device=episode_starts.device)
         self._powers: dict[tuple[float, th.dtype], th.Tensor] = {}
+        self._maps: dict[tuple[float, th.dtype, bool, str], tuple[th.Tensor, th.Tensor, th.Tensor, int]] = {}
 
     def window(self, env_index: th.Tensor, time_index: th.Tensor) -> KernelWindow:
         """The time structure seen from the minibatch entries ``(env_index, time_index)``, shared by all maps."""
@@ -48,6 +54,59 @@ class EpisodeKernel:
         if key not in self._powers:
             self._powers[key] = th.pow(th.as_tensor(decay, dtype=th.float64), self.steps.to(th.float64)).to(dtype)
         return self._powers[key]
+
+    def discounted_sums(self, decay: float, per_step: th.Tensor, *, future: bool) -> th.Tensor:
+        """``S[n, t] = Σ_j decay^{|j − t|} x[n, j]`` over ``j ≥ t`` (``future``) or ``j < t`` in the same env and
+        episode segment, for every rollout entry: ``(n_envs, n_steps)``, differentiable in ``per_step``.
+
+        Past sums are the inclusive future sums of the time-reversed rollout, reversed back, minus ``x`` itself.
+        """
+        if future:
+            return self._scan(decay, per_step, reverse=False)
+        return self._scan(decay, per_step.flip(1), reverse=True).flip(1) - per_step
+
+    def _scan(self, decay: float, values: th.Tensor, reverse: bool) -> th.Tensor:
+        """Inclusive future sums ``Σ_{j ≥ t, same segment} decay^{j − t} x_j`` (of the time-reversed rollout if
+        ``reverse``): local sums inside blocks, plus the sum from the next block start carried back."""
+        inner, between, carry, block = self._scan_maps(decay, values.dtype, reverse)
+        n_envs, n_steps = values.shape
+        n_blocks = inner.shape[1]
+        padded = th.nn.functional.pad(values, (0, n_blocks * block - n_steps)).view(n_envs, n_blocks, block)
+        local = th.einsum("nbtj,nbj->nbt", inner, padded)
+        starts = th.einsum("nbc,nc->nb", between, local[:, :, 0])
+        next_starts = th.nn.functional.pad(starts[:, 1:], (0, 1))
+        return (local + carry * next_starts.unsqueeze(2)).reshape(n_envs, -1)[:, :n_steps]
+
+    def _scan_maps(self, decay: float, dtype: th.dtype, reverse: bool) -> tuple[th.Tensor, th.Tensor, th.Tensor, int]:
+        """The scan's three weight tensors for ``decay``, built once per rollout: inside blocks ``(n_envs, n_blocks,
+        L, L)``, between block starts ``(n_envs, n_blocks, n_blocks)``, and from each step to the next block start
+        ``(n_envs, n_blocks, L)``; every weight is ``decay^distance`` within one episode segment and 0 across."""
+        key = (float(decay), dtype, reverse, "scan")
+        if key in self._maps:
+            return self._maps[key]
+        block = max(1, math.isqrt(self.n_steps - 1) + 1)
+        n_blocks = -(-self.n_steps // block)
+        segment = self.segment.flip(1) if reverse else self.segment
+        # Padding continues the last segment (its values are zero, so it adds nothing).
+        segment = th.cat([segment, segment[:, -1:].expand(-1, n_blocks * block - self.n_steps)], dim=1)
+        segment = segment.view(self.n_envs, n_blocks, block)
+        powers = th.pow(th.as_tensor(decay, dtype=th.float64), th.arange(n_blocks * block + 1, dtype=th.float64))
+        powers = powers.to(device=self.segment.device, dtype=dtype)
+        offsets = th.arange(block, device=self.segment.device)
+        ahead = offsets.unsqueeze(0) - offsets.unsqueeze(1)  # [t, j] = j − t
+        same = segment.unsqueeze(3) == segment.unsqueeze(2)
+        inner = th.where(same & (ahead >= 0), powers[ahead.clamp(min=0)], th.zeros((), dtype=dtype))
+        blocks = th.arange(n_blocks, device=self.segment.device)
+        block_ahead = blocks.unsqueeze(0) - blocks.unsqueeze(1)
+        first = segment[:, :, 0]
+        same_start = first.unsqueeze(2) == first.unsqueeze(1)
+        between = th.where(
+            same_start & (block_ahead >= 0), powers[(block * block_ahead).clamp(min=0)], th.zeros((), dtype=dtype)
+        )
+        next_first = th.cat([first[:, 1:], th.full_like(first[:, :1], -1)], dim=1)  # no block after the last
+        carry = th.where(segment == next_first.unsqueeze(2), powers[block - offsets], th.zeros((), dtype=dtype))
+        self._maps[key] = (inner, between, carry, block)
+        return self._maps[key]
 
 
 class KernelWindow:
@@ -61,20 +120,20 @@ class KernelWindow:
     def __init__(self, kernel: EpisodeKernel, env_index: th.Tensor, time_index: th.Tensor) -> None:
         self.kernel = kernel
         self.env_index = env_index
-        offset = kernel.steps.unsqueeze(0) - time_index.unsqueeze(1)
-        self.distance = offset.abs()
-        same_segment = kernel.segment[env_index] == kernel.segment[env_index, time_index].unsqueeze(1)
-        self.future = same_segment & (offset >= 0)
-        self.past = same_segment & (offset < 0)
+        self.time_index = time_index
 
     def rows(self, decay: float, dtype: th.dtype, *, future: bool) -> th.Tensor:
-        """Weights ``(B, n_steps)``: ``decay^{|j − t_b|}`` on ``j ≥ t_b`` (``future``) or ``j < t_b``, same episode."""
-        mask = self.future if future else self.past
-        return th.where(mask, self.kernel.powers(decay, dtype)[self.distance], th.zeros((), dtype=dtype))
+        """Dense weights ``(B, n_steps)``: ``decay^{|j − t_b|}`` on ``j ≥ t_b`` (``future``) or ``j < t_b``, same
+        episode (what :meth:`apply` sums with; ``O(B · n_steps)``, for tests and inspection)."""
+        kernel, env_index = self.kernel, self.env_index
+        offset = kernel.steps.unsqueeze(0) - self.time_index.unsqueeze(1)
+        same_segment = kernel.segment[env_index] == kernel.segment[env_index, self.time_index].unsqueeze(1)
+        mask = same_segment & ((offset >= 0) if future else (offset < 0))
+        return th.where(mask, kernel.powers(decay, dtype)[offset.abs()], th.zeros((), dtype=dtype))
 
     def apply(self, decay: float, per_step: th.Tensor, *, future: bool) -> th.Tensor:
-        """``Σ_j rows[b, j] · per_step[env_b, j]`` for a ``(n_envs, n_steps)`` quantity."""
-        return (self.rows(decay, per_step.dtype, future=future) * per_step[self.env_index]).sum(dim=1)
+        """``Σ_j rows[b, j] · per_step[env_b, j]`` for a ``(n_envs, n_steps)`` quantity (by the rollout's scan)."""
+        return self.kernel.discounted_sums(decay, per_step, future=future)[self.env_index, self.time_index]
 
 
 class DifferentiableGAE:
@@ -114,7 +173,6 @@ class DifferentiableGAE:
         if truncation_index is None:
             truncation_index = th.zeros((0, 2), dtype=th.long, device=rewards.device)
         self.truncation_index = truncation_index
-        self._rollout_weights: th.Tensor | None = None
 
     def td_errors(
         self,
@@ -141,15 +199,5 @@ class DifferentiableGAE:
         return window.apply(self.gamma * self.gae_lambda, td_errors, future=True)
 
     def rollout(self, td_errors: th.Tensor) -> th.Tensor:
-        """Advantages ``(n_envs, n_steps)`` of every rollout entry given :meth:`td_errors`, differentiable.
-
-        One batched product with the per-env ``(n_steps, n_steps)`` weight matrices, built once per rollout (memory
-        ``n_envs · n_steps²`` floats: 64 MiB for 16 envs of 1024 steps).
-        """
-        if self._rollout_weights is None or self._rollout_weights.dtype != td_errors.dtype:
-            kernel = self.kernel
-            offset = kernel.steps.unsqueeze(0) - kernel.steps.unsqueeze(1)  # [t, j] = j − t
-            same_segment = kernel.segment.unsqueeze(2) == kernel.segment.unsqueeze(1)
-            powers = kernel.powers(self.gamma * self.gae_lambda, td_errors.dtype)[offset.clamp(min=0)]
-            self._rollout_weights = th.where(same_segment & (offset >= 0), powers, th.zeros((), dtype=td_errors.dtype))
-        return th.einsum("ntj,nj->nt", self._rollout_weights, td_errors)
+        """Advantages ``(n_envs, n_steps)`` of every rollout entry given :meth:`td_errors`, differentiable."""
+        return self.kernel.discounted_sums(self.gamma * self.gae_lambda, td_errors, future=True)
