@@ -13,6 +13,8 @@ parallelise (``--jobs``) and use exactly the configs users get:
 * ``blpo_cg``: the same entry with ``ihvp_solver="cg"``;
 * ``blpo_authors``: the authors' recipe, ``zoo_hyperparams/blpo_authors.yml``;
 * ``blpo_dropin``: PPO's rl-zoo3 entry with the algorithm swapped (``vf_coef`` removed, which BLPO refuses);
+* ``ppo_defaults`` / ``blpo_defaults`` / ``blpo_defaults_b64``: no config at all, the constructors' defaults (what
+  ``PPO("MlpPolicy", env)`` and ``BLPO("MlpPolicy", env)`` give; the last with BLPO's former ``batch_size=64``);
 * ``ppo``: rl-zoo3's own ``ppo.yml`` entry (its ``-v4`` entry for the MuJoCo ``-v5`` envs, which zoo lacks);
 * history, the defaults before the improvement form (plain surrogate, Hessian curvature): ``blpo_distribution``
   (distribution coupling, the default before it), ``blpo_target`` / ``blpo_cg_target`` (target coupling, the default
@@ -76,6 +78,7 @@ PROFILES = {
 }
 # variant: (algo, packaged config or None, -params overrides). History variants pin the settings of earlier defaults.
 DROP_IN = "ppo_zoo_dropin"  # PPO's rl-zoo3 entry with the algorithm swapped (see :func:`drop_in_config`)
+CONSTRUCTOR_DEFAULTS = "constructor_defaults"  # no hyperparameter at all: the algorithm's own defaults, one env
 _COLUMNS = "sketch='columns', pcg_steps=0"  # the plain column-sampling Nyström (the solver before the refinement)
 _SURROGATE_HESSIAN = ["leader_objective:'surrogate'", f"ihvp_kwargs:dict(curvature='hessian', {_COLUMNS})"]
 VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
@@ -86,6 +89,9 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "blpo_authors": ("blpo", "blpo_authors", []),
     "ppo": ("ppo", None, []),
     "blpo_dropin": ("blpo", DROP_IN, []),
+    "ppo_defaults": ("ppo", CONSTRUCTOR_DEFAULTS, []),
+    "blpo_defaults": ("blpo", CONSTRUCTOR_DEFAULTS, []),
+    "blpo_defaults_b64": ("blpo", CONSTRUCTOR_DEFAULTS, ["batch_size:64"]),
     "blpo_coupled_follower": ("blpo", None, ["follower_objective:'coupled'"]),
     "blpo_mse_follower": ("blpo", None, ["follower_objective:'mse'"]),
     "blpo_columns": ("blpo", None, [f"ihvp_kwargs:dict({_COLUMNS})", "follower_objective:'coupled'"]),
@@ -111,6 +117,9 @@ LABELS = {
     "blpo_columns_rollout_adv": "BLPO, column Nyström without refinement, rollout advantages",
     "ppo": "PPO (zoo)",
     "blpo_dropin": "BLPO drop-in (PPO's zoo config)",
+    "ppo_defaults": "PPO(\"MlpPolicy\", env)",
+    "blpo_defaults": "BLPO(\"MlpPolicy\", env)",
+    "blpo_defaults_b64": "BLPO(\"MlpPolicy\", env, batch_size=64) (the default before batch 512)",
     "blpo_distribution": "BLPO, surrogate + distribution coupling (previous default)",
     "blpo_target": "BLPO (Nyström), target coupling",
     "blpo_cg_target": "BLPO (CG), target coupling",
@@ -188,6 +197,15 @@ def shard(spec: str) -> tuple[int, int]:
     return index, count
 
 
+def constructor_defaults_config(out: Path) -> Path:
+    """A config with no hyperparameter for any env: ``ALGO("MlpPolicy", env)`` on one env copy, no normalisation."""
+    target = out / "constructor_defaults.yml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    entries = {env_id: {"policy": "MlpPolicy", "n_timesteps": PROFILES["full"][env_id]} for env_id in ENVS}
+    target.write_text(yaml.safe_dump(entries, sort_keys=True))
+    return target
+
+
 def csv_path(out: Path, env_id: str, variant: str, seed: int) -> Path:
     return out / "csv" / env_id / variant / f"seed{seed}.csv"
 
@@ -197,7 +215,9 @@ def train_command(env_id: str, variant: str, seed: int, steps: int, args: argpar
     command = [sys.executable, "-m", "sb3_blpo.zoo", "train", "--algo", algo, "--env", env_id, "--seed", str(seed)]
     command += ["-n", str(steps), "--eval-freq", str(max(steps // args.evals, 1)), "--eval-episodes", str(args.eval_episodes)]
     command += ["-f", str(log_dir), "--num-threads", "1", "--verbose", "0", "--log-interval", "-1"]
-    if algo == "ppo":
+    if config == CONSTRUCTOR_DEFAULTS:
+        command += ["--conf-file", str(constructor_defaults_config(args.out))]
+    elif algo == "ppo":
         command += ["--conf-file", str(ppo_config(args.out))]
     elif config == DROP_IN:
         command += ["--conf-file", str(drop_in_config(args.out))]

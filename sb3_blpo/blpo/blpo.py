@@ -94,7 +94,8 @@ class BLPO(LossTermHost, TruncatedStepRecorder, OnPolicyAlgorithm):
     :param learning_rate: The actor's learning rate, a constant or a function of the remaining progress (from 1 to 0)
     :param critic_learning_rate: The critic's learning rate, a constant or a schedule
     :param n_steps: The number of steps to run for each environment per update
-    :param batch_size: Minibatch size
+    :param batch_size: Minibatch size (512, not PPO's 64: a BLPO minibatch costs several backward passes, so BLPO
+        is run with fewer, larger minibatches; see ``docs/blpo.md``)
     :param n_epochs: Number of epochs over the rollout per update
     :param n_critic_steps: Nested critic (follower) steps before each actor step, on the minibatch
     :param gamma: Discount factor
@@ -153,7 +154,7 @@ class BLPO(LossTermHost, TruncatedStepRecorder, OnPolicyAlgorithm):
         learning_rate: float | Schedule = 3e-4,
         critic_learning_rate: float | Schedule = 1e-3,
         n_steps: int = 2048,
-        batch_size: int = 64,
+        batch_size: int = 512,
         n_epochs: int = 10,
         n_critic_steps: int = 3,
         gamma: float = 0.99,
