@@ -142,18 +142,24 @@ def _split_launcher_options(args: Sequence[str]) -> tuple[argparse.Namespace, li
     return known, rest
 
 
-def _train_options(args: Sequence[str]) -> argparse.Namespace:
-    """The rl-zoo3 ``train`` options the launcher looks at (same names and defaults as rl-zoo3's)."""
-    parser = argparse.ArgumentParser(prog=f"{PROG} train", add_help=False)
+def _shared_options(command: str) -> argparse.ArgumentParser:
+    """A parser of the options rl-zoo3's ``train`` and ``enjoy`` share (same names and defaults as rl-zoo3's)."""
+    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", add_help=False)
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--algo", default="ppo")
     parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("--gym-packages", nargs="+", default=[])
+    return parser
+
+
+def _train_options(args: Sequence[str]) -> argparse.Namespace:
+    """The rl-zoo3 ``train`` options the launcher looks at (same names and defaults as rl-zoo3's)."""
+    parser = _shared_options("train")
     parser.add_argument("-conf", "--conf-file", default=None)
     parser.add_argument("-optimize", "--optimize-hyperparameters", "--optimize", action="store_true", dest="optimize")
     parser.add_argument("--storage", default=None)
     parser.add_argument("--study-name", default=None)
     parser.add_argument("--trial-id", type=int, default=None)
-    parser.add_argument("--gym-packages", nargs="+", default=[])
     parser.add_argument("-f", "--log-folder", default="logs")
     parser.add_argument("--seed", type=int, default=-1)
     return parser.parse_known_args(list(args))[0]
@@ -161,16 +167,12 @@ def _train_options(args: Sequence[str]) -> argparse.Namespace:
 
 def _enjoy_options(args: Sequence[str]) -> argparse.Namespace:
     """The rl-zoo3 ``enjoy`` options the launcher looks at (same names and defaults as rl-zoo3's)."""
-    parser = argparse.ArgumentParser(prog=f"{PROG} enjoy", add_help=False)
-    parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("--algo", default="ppo")
-    parser.add_argument("--env", default="CartPole-v1")
+    parser = _shared_options("enjoy")
     parser.add_argument("-f", "--folder", default=None)
     parser.add_argument("--exp-id", type=int, default=0)
     parser.add_argument("--load-best", action="store_true")
     parser.add_argument("--load-checkpoint", type=int, default=None)
     parser.add_argument("--load-last-checkpoint", action="store_true")
-    parser.add_argument("--gym-packages", nargs="+", default=[])
     return parser.parse_known_args(list(args))[0]
 
 

@@ -95,6 +95,14 @@ def _file_write_error(path: Path) -> OSError | None:
     return None
 
 
+def _create_folder(storage: str, path: Path, what: str) -> None:
+    """Create the folder of a new storage file, or refuse the storage in one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ZooInputError(f"--storage {storage!r}: the folder of the {what} cannot be created ({error.strerror})") from error
+
+
 def _check_writable(storage: str, path: Path, kind: str, why_folder: str) -> None:
     if path.exists():
         error = _file_write_error(path)
@@ -217,12 +225,7 @@ def _check_journal_file(storage: str) -> None:
             raise ZooInputError(f"--storage {storage!r} is not a regular file; a journal storage is a file")
         _read_journal(storage, path)
     else:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ZooInputError(
-                f"--storage {storage!r}: the folder of the journal file cannot be created ({error.strerror})"
-            ) from error
+        _create_folder(storage, path, "journal file")
     _check_writable(storage, path, "journal file", "Optuna's journal creates its lock file next to the journal")
     if not path.exists():
         try:
@@ -332,12 +335,7 @@ def _check_sqlite_file(storage: str, database: str) -> Path:
                 f"--storage {storage!r}: the SQLite database {str(path)!r} is damaged ({detail}); {_UNCHANGED}"
             )
     elif not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ZooInputError(
-                f"--storage {storage!r}: cannot create the folder of the database file ({error.strerror})"
-            ) from error
+        _create_folder(storage, path, "database file")
     _check_writable(storage, path, "SQLite database", "SQLite writes its journal files next to the database")
     return path
 
