@@ -101,3 +101,53 @@ def test_walltime_reports_ratios_and_update_shares(tmp_path: Path) -> None:
     shares = blpo["share_of_update"]
     assert 0 < shares["seconds_ihvp"] < shares["seconds_hypergradient"] < 1
     assert 0 < shares["seconds_nested_critic"] + shares["seconds_hypergradient"] < 1
+
+
+def _load(script: Path):  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(script.stem + "_under_test", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "script, options",
+    [
+        (
+            "returns/suite.py",
+            dict(
+                envs=["CartPole-v1", "Pendulum-v1"],
+                variants=["blpo", "ppo", "blpo_dropin"],
+                seeds=[0, 1, 2],
+                steps=None,
+                profile="cpu",
+            ),
+        ),
+        ("continual/study.py", dict(variants=["ppo", "ppo_l2", "reset"], seeds=[1, 2, 3, 4, 5])),
+        ("tuning/tune.py", dict(envs=["Acrobot-v1", "LunarLander-v3", "Pendulum-v1"], workers=3)),
+    ],
+)
+@pytest.mark.parametrize("n_shards", [2, 3, 7])
+def test_shards_cover_each_campaign_exactly_once(script: str, options: dict, n_shards: int) -> None:
+    """``--shard I/N`` over I = 0..N−1 runs every run of the campaign once: disjoint slices of one fixed list."""
+    import argparse
+
+    module = _load(BENCHMARKS / script)
+    from sharding import parse_shard, select_shard
+    full = module.run_list(argparse.Namespace(**options))
+    assert len(full) == len(set(full)) > n_shards
+    shards = [select_shard(full, parse_shard(f"{index}/{n_shards}")) for index in range(n_shards)]
+    assert sorted(run for shard in shards for run in shard) == sorted(full)
+    assert all(shard for shard in shards)
+
+
+@pytest.mark.parametrize("spec", ["2/2", "-1/3", "1", "a/b", "1/0"])
+def test_bad_shard_is_refused_by_name(spec: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "tuning" / "tune.py"), f"--shard={spec}"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "--shard must be I/N with integers 0 <= I < N" in result.stderr

@@ -46,6 +46,9 @@ from sb3_blpo import BLPO
 from sb3_blpo.callbacks import FeatureRankCallback, HessianSpectrumCallback, PlasticityRegularizer, TrainabilityCallback
 from sb3_blpo.envs import TASK_ID_INFO_KEY, FlippedActions, PermutedObservations
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sharding import add_shard_argument, select_shard
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 
@@ -238,6 +241,11 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> None:
     (run_dir / DONE_MARKER).write_text(json.dumps(meta, indent=2))
 
 
+def run_list(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """Every run of the study as ``(variant, seed)``, finished or not, in a fixed order (shards index this list)."""
+    return [(variant, seed) for seed in args.seeds for variant in args.variants]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -251,14 +259,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     parser.add_argument("--run", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    add_shard_argument(parser)
     args = parser.parse_args()
     if args.run:
         run_one(args.run[0], int(args.run[1]), args)
         return
     pending = [
         (variant, seed)
-        for seed in args.seeds
-        for variant in args.variants
+        for variant, seed in select_shard(run_list(args), args.shard)
         if not (args.out / variant / f"seed{seed}" / DONE_MARKER).exists()
     ]
     print(f"{len(pending)} runs to do", flush=True)

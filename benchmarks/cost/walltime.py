@@ -8,7 +8,9 @@ round, so slow drifts of the machine cancel. Two comparisons per env:
 - ``recommended``: each with its own config (PPO: rl-zoo3's ppo.yml, ``-v4`` entry for ``-v5``; BLPO:
   zoo_hyperparams/blpo.yml);
 - ``identical``: the BLPO variants with PPO's ``n_envs``, ``n_steps``, ``batch_size``, ``n_epochs`` and
-  ``policy_kwargs`` (BLPO keeps its critic learning rate, nested steps and IHVP settings).
+  ``policy_kwargs`` (BLPO keeps its critic learning rate, nested steps and IHVP settings);
+- ``defaults``: no config at all, each constructor's defaults on one env copy (``PPO("MlpPolicy", env)`` against
+  ``BLPO("MlpPolicy", env)``).
 
 For BLPO the update time is split with its ``train/seconds_*`` logs: nested critic steps, IHVP solve, mixed term, the
 rest of the hypergradient (coupled critic objective, first-order gradients) and the remainder (actor objective, actor
@@ -32,8 +34,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks" / "returns"))
-from suite import MAIN_VARIANTS, VARIANTS, ppo_config  # noqa: E402
+from suite import MAIN_VARIANTS, VARIANTS, constructor_defaults_config, ppo_config  # noqa: E402
 
+COMPARISONS = ("recommended", "identical", "defaults")
 IDENTICAL_KEYS = ("n_envs", "n_steps", "batch_size", "n_epochs", "policy_kwargs")
 SHARE_KEYS = ("seconds_nested_critic", "seconds_ihvp", "seconds_mixed_term", "seconds_hypergradient")
 
@@ -67,8 +70,10 @@ print(json.dumps(totals))
 """
 
 
-def config_for(variant: str, out: Path) -> str:
+def config_for(variant: str, out: Path, comparison: str) -> str:
     algo, config, _ = VARIANTS[variant]
+    if comparison == "defaults":
+        return str(constructor_defaults_config(out))
     return str(ppo_config(out)) if algo == "ppo" else str(REPO / "zoo_hyperparams" / f"{config or 'blpo'}.yml")
 
 
@@ -94,7 +99,7 @@ def overrides_for(variant: str, comparison: str, env_id: str, out: Path) -> dict
 def timed_run(variant: str, env_id: str, steps: int, seed: int, comparison: str, work: Path) -> dict:
     algo = VARIANTS[variant][0]
     overrides = overrides_for(variant, comparison, env_id, work)
-    command = [sys.executable, "-c", RUNNER, algo, env_id, str(steps), str(seed), config_for(variant, work)]
+    command = [sys.executable, "-c", RUNNER, algo, env_id, str(steps), str(seed), config_for(variant, work, comparison)]
     command += [json.dumps(overrides), str(work / "logs")]
     out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -104,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Hopper-v5"])
     parser.add_argument("--variants", nargs="+", default=list(MAIN_VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--comparisons", nargs="+", default=["recommended", "identical"])
+    parser.add_argument("--comparisons", nargs="+", default=["recommended", "identical"], choices=COMPARISONS)
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

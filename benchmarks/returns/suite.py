@@ -51,6 +51,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sharding import add_shard_argument, select_shard
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 DEFAULT_OUT = HERE / "results"
@@ -117,9 +120,9 @@ LABELS = {
     "blpo_columns_rollout_adv": "BLPO, column Nyström without refinement, rollout advantages",
     "ppo": "PPO (zoo)",
     "blpo_dropin": "BLPO drop-in (PPO's zoo config)",
-    "ppo_defaults": "PPO(\"MlpPolicy\", env)",
-    "blpo_defaults": "BLPO(\"MlpPolicy\", env)",
-    "blpo_defaults_b64": "BLPO(\"MlpPolicy\", env, batch_size=64) (the default before batch 512)",
+    "ppo_defaults": 'PPO("MlpPolicy", env)',
+    "blpo_defaults": 'BLPO("MlpPolicy", env)',
+    "blpo_defaults_b64": 'BLPO("MlpPolicy", env, batch_size=64) (the default before batch 512)',
     "blpo_distribution": "BLPO, surrogate + distribution coupling (previous default)",
     "blpo_target": "BLPO (Nyström), target coupling",
     "blpo_cg_target": "BLPO (CG), target coupling",
@@ -184,17 +187,6 @@ def drop_in_config(out: Path) -> Path:
     target = out / "ppo_zoo_dropin_v5.yml"
     target.write_text(yaml.safe_dump(entries, sort_keys=True))
     return target
-
-
-def shard(spec: str) -> tuple[int, int]:
-    """``"I/N"`` (``0 <= I < N``) → ``(I, N)``: the runs ``I, I + N, I + 2N, …`` of the full run list."""
-    try:
-        index, count = (int(part) for part in spec.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard must be I/N with integers 0 <= I < N, got {spec!r}") from None
-    if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"--shard must be I/N with integers 0 <= I < N, got {spec!r}")
-    return index, count
 
 
 def constructor_defaults_config(out: Path) -> Path:
@@ -329,19 +321,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep-logs", action="store_true", help="keep rl-zoo3's log folders (models, configs)")
     parser.add_argument("--summary", action="store_true", help="print the table of finished runs and exit")
-    parser.add_argument(
-        "--shard",
-        type=shard,
-        default=(0, 1),
-        metavar="I/N",
-        help="run only every N-th run of the full list, starting at I (one shard per machine, e.g. a Slurm array)",
-    )
+    add_shard_argument(parser)
     args = parser.parse_args()
     args.out = args.out.resolve()
     if args.summary:
         print(summary(args))
         return
-    jobs = [job for job in run_list(args)[args.shard[0] :: args.shard[1]] if not csv_path(args.out, *job[:3]).exists()]
+    jobs = [job for job in select_shard(run_list(args), args.shard) if not csv_path(args.out, *job[:3]).exists()]
     print(f"{len(jobs)} runs to do ({args.profile} profile)", flush=True)
     print("random-action scores:", random_scores(args.out, args.envs), flush=True)
 
