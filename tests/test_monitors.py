@@ -410,3 +410,21 @@ def test_plasticity_monitor_forwards_info_key_switches_to_its_monitors():
         (1, 192),
         (1, 192),
     ]
+
+
+def test_blpo_joint_loss_is_the_sum_of_its_two_losses():
+    """BLPO passes vf_coef=0 to SB3 (its critic has its own loss and optimizer): the joint group must still include
+    the critic's loss, with weight 1, and so its spectrum must see the critic's curvature."""
+    model = BLPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, seed=0, policy_kwargs=TINY_NET)
+    model.learn(64)
+    assert model.vf_coef == 0.0
+    access = OnPolicyModelView(model)
+    batch = access.sample_batch(None, th.Generator().manual_seed(0))
+    th.testing.assert_close(access.loss("joint", batch), access.losses.actor_loss(batch) + access.losses.critic_loss(batch))
+    joint = th.linalg.eigvalsh(access.exact_hessian("joint", batch).double())
+    critic = th.linalg.eigvalsh(access.exact_hessian("critic", batch).double())
+    # The groups are disjoint and the two losses separate, so the joint Hessian is block diagonal: its top eigenvalue
+    # is the larger of the two blocks' (the critic's on Pendulum), not the actor's alone.
+    actor = th.linalg.eigvalsh(access.exact_hessian("actor", batch).double())
+    assert float(joint.max()) == pytest.approx(max(float(actor.max()), float(critic.max())), rel=1e-6)
+    assert float(critic.max()) > float(actor.max())

@@ -31,6 +31,7 @@ from sb3_blpo.callbacks.selection import (
     resolve_layers,
     takes_loss_terms,
 )
+from sb3_blpo.common.losses import joint_critic_weight
 from sb3_blpo.common.parameters import PARAMETER_SELECTIONS, select_parameters
 from sb3_blpo.penalties import ParameterPenalty, gradient_ascent_step
 
@@ -288,7 +289,7 @@ class PlasticityRegularizer(BaseCallback):
             return
         terms, feature_erank = self._terms.update_values()
         if terms:
-            task_loss = _logged_task_loss(self.model, 1.0 if self._loss_terms else float(getattr(self.model, "vf_coef", 1.0)))
+            task_loss = _logged_task_loss(self.model, joint_critic_weight(self.model))
             denominator = None if task_loss is None else abs(task_loss) + sum(abs(v) for v in terms.values())
             for term, value in terms.items():
                 self.logger.record(f"train/reg_{term}", value)

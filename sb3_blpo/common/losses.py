@@ -11,7 +11,9 @@ the ratio):
 * actor, ``"surrogate"`` (TRPO and other algorithms without a clip range): ``−mean(A r)``;
 * critic: ``mean((R − V)²)`` against the rollout's returns ``R`` (PPO's optional value clipping is inactive at the
   current parameters; ``vf_coef`` is not applied);
-* joint: ``actor + vf_coef · critic`` (``vf_coef`` of the algorithm, 1 if it has none), the loss PPO and A2C minimise.
+* joint: ``actor + c · critic`` with ``c`` from :func:`joint_critic_weight`: PPO and A2C's ``vf_coef`` (the loss they
+  minimise), and 1 for algorithms that train the critic on its own loss with its own optimizer (BLPO: its two losses
+  summed, the objective whose gradient is the concatenation of the actor's and the critic's).
 
 Advantages are normalised over the batch when the algorithm has ``normalize_advantage=True``. The pieces (surrogate,
 entropy, normalisation) are :mod:`sb3_blpo.common.surrogate`'s, shared with BLPO's own update.
@@ -43,6 +45,15 @@ def resolve_actor_objective(model: Any) -> str:
     if getattr(model, "clip_range", None) is not None:
         return "clipped_surrogate"
     return "surrogate"
+
+
+def joint_critic_weight(model: Any) -> float:
+    """The critic loss's weight in the joint loss: 1 when the policy has a separate ``critic_optimizer`` (the critic
+    is trained on its own loss, e.g. BLPO, whose ``vf_coef`` is 0 by construction), else the algorithm's ``vf_coef``
+    (1 if it has none)."""
+    if getattr(model.policy, "critic_optimizer", None) is not None:
+        return 1.0
+    return float(getattr(model, "vf_coef", 1.0))
 
 
 def progress_remaining(model: Any) -> float:
@@ -99,14 +110,14 @@ class OnPolicyLosses:
         return F.mse_loss(values, batch.returns)
 
     def loss(self, group: str, batch: RolloutBatch) -> th.Tensor:
-        """The loss whose Hessian is measured for ``group`` (the joint loss weights the critic by ``vf_coef``)."""
+        """The loss whose Hessian is measured for ``group`` (the joint loss weights the critic by
+        :func:`joint_critic_weight`)."""
         if group == "actor":
             return self.actor_loss(batch)
         if group == "critic":
             return self.critic_loss(batch)
         if group == "joint":
-            vf_coef = float(getattr(self.model, "vf_coef", 1.0))
-            return self.actor_loss(batch) + vf_coef * self.critic_loss(batch)
+            return self.actor_loss(batch) + joint_critic_weight(self.model) * self.critic_loss(batch)
         raise ValueError(f"unknown parameter group {group!r}; choose from {PARAMETER_GROUPS}")
 
     def exact_hessian(
