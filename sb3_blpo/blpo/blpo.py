@@ -23,7 +23,15 @@ from sb3_blpo.blpo.coupling import (
 )
 from sb3_blpo.blpo.follower import Follower
 from sb3_blpo.blpo.objectives import LEADER_OBJECTIVES, LeaderObjective, leader_loss
-from sb3_blpo.blpo.policies import BLPOCnnPolicy, BLPOMultiInputPolicy, BLPOPolicy, CnnPolicy, MlpPolicy, MultiInputPolicy
+from sb3_blpo.blpo.policies import (
+    BilevelSplit,
+    BLPOCnnPolicy,
+    BLPOMultiInputPolicy,
+    BLPOPolicy,
+    CnnPolicy,
+    MlpPolicy,
+    MultiInputPolicy,
+)
 from sb3_blpo.blpo.recipes import authors_recipe
 from sb3_blpo.blpo.rollout import BilevelRollout, Minibatch, TruncatedStep, TruncatedStepRecorder, bilevel_rollout
 from sb3_blpo.common.loss_terms import LossTerm, LossTermHost
@@ -208,6 +216,12 @@ class BLPO(LossTermHost, TruncatedStepRecorder, OnPolicyAlgorithm):
             policy_kwargs=policy_kwargs,
             _init_setup_model=False,
         )
+        if not issubclass(self.policy_class, BilevelSplit):
+            raise InvalidParameterError(
+                f"policy must be one of {sorted(self.policy_aliases)} or a BLPO policy class (BLPOPolicy, BLPOCnnPolicy, "
+                f"BLPOMultiInputPolicy or a subclass), got {self.policy_class.__name__}: BLPO needs separate actor and "
+                "critic parameters and optimizers, which SB3's ActorCriticPolicy does not have"
+            )
         self.critic_learning_rate = critic_learning_rate
         self.batch_size = batch_size
         self.n_epochs = n_epochs

@@ -18,7 +18,7 @@ from torch import nn
 from sb3_blpo.common.parameters import actor_modules_parameters, critic_modules_parameters
 
 
-class _BilevelSplit:
+class BilevelSplit:
     """Mixin for :class:`ActorCriticPolicy` subclasses: actor/critic parameter split and two optimizers."""
 
     def __init__(self, *args: Any, share_features_extractor: bool = False, **kwargs: Any) -> None:
@@ -61,15 +61,15 @@ class _BilevelSplit:
         return distribution.log_prob(actions), distribution.entropy()
 
 
-class BLPOPolicy(_BilevelSplit, ActorCriticPolicy):
+class BLPOPolicy(BilevelSplit, ActorCriticPolicy):
     """MLP actor-critic policy for BLPO (separate actor and critic networks, one optimizer each)."""
 
 
-class BLPOCnnPolicy(_BilevelSplit, ActorCriticCnnPolicy):
+class BLPOCnnPolicy(BilevelSplit, ActorCriticCnnPolicy):
     """CNN actor-critic policy for BLPO (separate NatureCNN extractors for actor and critic)."""
 
 
-class BLPOMultiInputPolicy(_BilevelSplit, MultiInputActorCriticPolicy):
+class BLPOMultiInputPolicy(BilevelSplit, MultiInputActorCriticPolicy):
     """Dict-observation actor-critic policy for BLPO (separate combined extractors)."""
 
 

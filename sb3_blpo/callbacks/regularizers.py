@@ -21,6 +21,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from torch.utils.hooks import RemovableHandle
 
 from sb3_blpo._validation import InvalidParameterError, check_float, check_int, check_one_of
+from sb3_blpo.callbacks.guard import InstanceOnlyCallback
 from sb3_blpo.callbacks.penalty_delivery import GradientInjection, LossTermDelivery, PenaltyTerms
 from sb3_blpo.callbacks.resets import ReDo, ShrinkAndPerturb
 from sb3_blpo.callbacks.selection import (
@@ -53,7 +54,7 @@ def _logged_task_loss(model: Any, critic_weight: float) -> float | None:
     return float(policy_loss) + float(model.ent_coef) * float(entropy_loss) + critic_weight * float(value_loss)
 
 
-class PlasticityRegularizer(BaseCallback):
+class PlasticityRegularizer(InstanceOnlyCallback, BaseCallback):
     """Effective-rank, L2 and L2-Init regularization of an on-policy algorithm's training loss (the paper's L2-ER).
 
     Usage::

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sb3_blpo._validation import InvalidParameterError, check_float, check_int
+from sb3_blpo.callbacks.guard import InstanceOnlyCallback
 from sb3_blpo.callbacks.selection import (
     LayerSpec,
     check_layer_spec,
@@ -48,7 +49,7 @@ def _seeded_generator(model: Any, device: th.device, seed: int | None) -> th.Gen
     return generator
 
 
-class ShrinkAndPerturb(BaseCallback):
+class ShrinkAndPerturb(InstanceOnlyCallback, BaseCallback):
     """Shrink & Perturb after optimizer steps: ``θ ← (1 − shrink) · θ + noise_std · ε``, ``ε ~ N(0, I)``.
 
     Applied after every ``every_n_steps``-th step of each of the policy's optimizers, to the parameters that optimizer
@@ -147,7 +148,7 @@ class ShrinkAndPerturb(BaseCallback):
 
 
 # ---------------------------------------------------------------------------------------------------------------- ReDo
-class ReDo(BaseCallback):
+class ReDo(InstanceOnlyCallback, BaseCallback):
     """Recycle dormant units (ReDo, Sokar et al. 2023) of the policy's MLP hidden layers every few rollouts.
 
     In ``_on_rollout_end`` of every ``every_n_rollouts``-th rollout (before ``train()``), each chosen layer's unit

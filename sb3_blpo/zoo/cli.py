@@ -180,6 +180,10 @@ def _check_env(env_id: str, gym_packages: Sequence[str]) -> None:
     import gymnasium as gym
     import rl_zoo3.import_envs  # noqa: F401  (registers rl-zoo3's custom envs, as its scripts do)
 
+    if env_id.startswith("sb3_blpo/"):
+        # The package's own continual envs, registered in this process (rl-zoo3's train runs in it) without
+        # --gym-packages sb3_blpo.envs.
+        import sb3_blpo.envs  # noqa: F401
     for module in gym_packages:
         try:
             importlib.import_module(module)
@@ -192,6 +196,26 @@ def _check_env(env_id: str, gym_packages: Sequence[str]) -> None:
             f"--env {env_id!r} is not a registered gymnasium environment.{hint} "
             "(Environments from other packages need --gym-packages MODULE.)"
         )
+
+
+def _check_trial(options: argparse.Namespace) -> None:
+    """``--trial-id N`` names a trial of an existing study (rl-zoo3 indexes ``study.trials`` without a check)."""
+    if options.storage is None or options.study_name is None:
+        raise ZooInputError("--trial-id N loads trial N of a tuning study: it needs --storage and --study-name too")
+    import optuna
+
+    from sb3_blpo.zoo.storage import open_storage
+
+    storage = open_storage(options.storage)
+    names = [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
+    if options.study_name not in names:
+        raise ZooInputError(
+            f"--study-name {options.study_name!r} is not a study of --storage {options.storage!r}; its studies: {names}"
+        )
+    count = len(optuna.load_study(study_name=options.study_name, storage=storage).trials)
+    if not 0 <= options.trial_id < count:
+        span = f"0 to {count - 1}" if count else "none"
+        raise ZooInputError(f"--trial-id {options.trial_id}: study {options.study_name!r} has {count} trials (ids: {span})")
 
 
 def _check_pandas() -> None:
@@ -237,6 +261,8 @@ def _train(args: list[str]) -> int:
         raise ZooInputError("--fail-stale-trials needs --optimize, --storage and --study-name (the study to resume)")
     if options.storage is not None and (options.optimize or options.trial_id is not None):
         _prepare_storage(options.storage, options.study_name if options.optimize else None, launcher)
+    if options.trial_id is not None:
+        _check_trial(options)
     from rl_zoo3.train import train
 
     with _zoo_argv("train", args), _checked_experiment_manager(launcher.heartbeat_interval):

@@ -90,7 +90,8 @@ def config_path(name: str) -> Path:
 
 def resolve_conf_file(value: str) -> str:
     """
-    Expand a short name of a packaged config (``--conf-file ppo_plasticity``) to its path; return anything else as is.
+    Expand a short name of a packaged config (``--conf-file ppo_plasticity``) to its path; return a file path or an
+    importable Python module (rl-zoo3's two other forms) as is, and refuse anything else in one line.
 
     A file of that name in the working directory takes precedence over the packaged config.
 
@@ -99,6 +100,21 @@ def resolve_conf_file(value: str) -> str:
     """
     if value in PACKAGED_CONFIGS and not Path(value).exists():
         return str(config_path(value))
+    if Path(value).exists():
+        return value
+    packaged = ", ".join(PACKAGED_CONFIGS)
+    if value.endswith((".yml", ".yaml", ".py")) or "/" in value:
+        raise ZooInputError(f"--conf-file {value!r}: no such file (packaged configs, by name: {packaged})")
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(value) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ZooInputError(
+            f"--conf-file {value!r} is neither a file, a packaged config ({packaged}) nor an importable Python module"
+        )
     return value
 
 
