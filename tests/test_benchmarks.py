@@ -138,6 +138,7 @@ def test_shards_cover_each_campaign_exactly_once(script: str, options: dict, n_s
 
     module = _load(BENCHMARKS / script)
     from sharding import parse_shard, select_shard
+
     full = module.run_list(argparse.Namespace(**options))
     assert len(full) == len(set(full)) > n_shards
     shards = [select_shard(full, parse_shard(f"{index}/{n_shards}")) for index in range(n_shards)]

@@ -12,7 +12,15 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from sb3_blpo import BLPO
-from sb3_blpo.callbacks import PlasticityRegularizer, ReDo, ShrinkAndPerturb
+from sb3_blpo.callbacks import (
+    FeatureRankCallback,
+    HessianSpectrumCallback,
+    PlasticityMonitor,
+    PlasticityRegularizer,
+    ReDo,
+    ShrinkAndPerturb,
+    TrainabilityCallback,
+)
 
 SB3_BLPO_ROOT = str(Path(__import__("sb3_blpo").__file__).resolve().parents[1])
 
@@ -39,7 +47,18 @@ def test_blpo_refuses_sb3_actor_critic_policy_by_name() -> None:
         BLPO(ActorCriticPolicy, "CartPole-v1")
 
 
-@pytest.mark.parametrize("callback_class", [PlasticityRegularizer, ShrinkAndPerturb, ReDo])
+@pytest.mark.parametrize(
+    "callback_class",
+    [
+        PlasticityMonitor,
+        HessianSpectrumCallback,
+        FeatureRankCallback,
+        TrainabilityCallback,
+        PlasticityRegularizer,
+        ShrinkAndPerturb,
+        ReDo,
+    ],
+)
 def test_passing_a_callback_class_instead_of_an_instance(callback_class: type) -> None:
     model = PPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, seed=0)
     with pytest.raises(TypeError, match=rf"pass an instance: callback={callback_class.__name__}\(\)"):

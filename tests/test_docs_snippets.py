@@ -1,10 +1,9 @@
 """Every ```python block of README.md and docs/*.md runs, so that a snippet a user copies works as shown.
 
-Snippets are executed as written, in a temporary folder, with one shim: ``learn()`` of every SB3 algorithm trains for
-at most one rollout (``OnPolicyAlgorithm.learn`` capped at ``n_steps × n_envs`` steps; the documented budgets are millions of steps) and scripts that read
-``sys.argv`` get the example arguments of their header comment. An undefined name, a wrong import or a wrong
-argument fails the test. A snippet that only shows an API fragment must still run; mark a block that is not meant to
-run with ```text instead.
+Snippets are executed as written, in a temporary folder, with one shim: ``OnPolicyAlgorithm.learn`` (PPO, A2C, BLPO)
+trains for at most one rollout, ``n_steps × n_envs`` steps (the documented budgets are millions of steps), and
+scripts that read ``sys.argv`` get the example arguments of their header comment. An undefined name, a wrong import or
+a wrong argument fails the test. Mark a block that is not meant to run with ```text instead.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import Figure, TensorBoardOutputFormat
 
 from sb3_blpo._validation import InvalidParameterError, check_float, check_int, check_one_of
+from sb3_blpo.callbacks.guard import InstanceOnlyCallback
 from sb3_blpo.common.losses import ACTOR_OBJECTIVES
 from sb3_blpo.common.model_view import OnPolicyModelView
 from sb3_blpo.common.parameters import PARAMETER_GROUPS
@@ -96,7 +97,7 @@ def _check_groups(parameter_groups: Sequence[str]) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Shared machinery
 # ---------------------------------------------------------------------------------------------------------------------
-class _RolloutMonitor(BaseCallback):
+class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
     """Rollout counting, dump alignment, task-switch tracking and batch sampling shared by the monitors.
 
     :param every_n_rollouts: periodic cadence in rollouts, or ``None`` for task starts only.
@@ -787,7 +788,7 @@ class TrainabilityCallback(_RolloutMonitor):
 # ---------------------------------------------------------------------------------------------------------------------
 # Bundle
 # ---------------------------------------------------------------------------------------------------------------------
-class PlasticityMonitor(CallbackList):
+class PlasticityMonitor(InstanceOnlyCallback, CallbackList):
     """Hessian spectrum, feature ranks and trainability with defaults sized for a few percent of overhead.
 
     Runs, in this order, a :class:`HessianSpectrumCallback` (every ``every_n_rollouts`` rollouts and at task starts), a
