@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -428,3 +429,47 @@ def test_blpo_joint_loss_is_the_sum_of_its_two_losses():
     actor = th.linalg.eigvalsh(access.exact_hessian("actor", batch).double())
     assert float(joint.max()) == pytest.approx(max(float(actor.max()), float(critic.max())), rel=1e-6)
     assert float(critic.max()) > float(actor.max())
+
+
+def _csv_monitor_columns(folder: Path) -> list[str]:
+    with open(folder / "progress.csv") as handle:
+        header = next(csv.reader(handle))
+    return [column for column in header if column.split("/")[0] in ("hessian", "plasticity", "trainability")]
+
+
+@pytest.mark.parametrize("text_logs, at_most", [("summary", 3), ("all", None)])
+def test_console_gets_three_monitor_keys_by_default(text_logs, at_most, tmp_path):
+    model = _make_model("PPO")
+    model.set_logger(configure(str(tmp_path), ["csv", "tensorboard"]))
+    monitor = PlasticityMonitor(
+        every_n_rollouts=1, hessian_kwargs=FAST_SPECTRUM, feature_kwargs=dict(n_samples=64), text_logs=text_logs
+    )
+    model.learn(2 * 64, callback=monitor, log_interval=1)
+    columns = _csv_monitor_columns(tmp_path)
+    if at_most is not None:
+        assert sorted(columns) == ["hessian/actor/lambda_max", "plasticity/pi0/erank", "trainability/actor/ratio"]
+    else:
+        assert len(columns) > 40 and "hessian/critic/trace" in columns
+    # TensorBoard gets the full set either way.
+    assert "hessian/critic/trace" in _events(str(tmp_path)).Tags()["scalars"]
+
+
+def test_task_start_spectrum_reaches_tensorboard_at_its_own_step(tmp_path):
+    """every_n_rollouts < log_interval: the periodic measurement at the first dump must not overwrite the task-0
+    values before they are written; they go to TensorBoard at the task-0 step."""
+    model = _make_model("PPO")
+    model.set_logger(configure(str(tmp_path), ["csv", "tensorboard"]))
+    hessian = HessianSpectrumCallback(every_n_rollouts=3, log_density_figure=False, **FAST_SPECTRUM)
+    measured: dict[int, float] = {}
+    measure = hessian.measure
+
+    def remembered(first_step: int = 0, task_start: bool = False) -> dict:
+        results = measure(first_step, task_start)
+        measured[int(hessian.num_timesteps)] = results["critic"].summary.lambda_max
+        return results
+
+    hessian.measure = remembered  # type: ignore[method-assign]
+    model.learn(5 * 64, callback=hessian, log_interval=5)
+    assert sorted(measured) == [64, 320]  # task 0 at rollout 1; periodic at rollout 5, the first dump
+    events = {event.step: event.value for event in _events(str(tmp_path)).Scalars("hessian/critic/lambda_max")}
+    assert events == pytest.approx(measured)

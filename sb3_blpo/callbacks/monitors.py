@@ -63,8 +63,11 @@ from sb3_blpo.metrics import distance_to_initial, feature_metrics, weight_norm
 
 # SB3's stdout writer truncates keys to 36 characters and raises if two keys collide after truncation.
 MAX_KEY_LENGTH = 36
-# The writers that cannot store arrays and figures (they would print or fail on them): excluded for those records.
+# The writers that cannot store arrays and figures (they would print or fail on them): excluded for those records, and
+# by default for every key but a monitor's summary key (text_logs="summary": a quiet console, the full set in TensorBoard).
 NON_TENSORBOARD_FORMATS = ("stdout", "log", "json", "csv")
+#: Accepted ``text_logs`` values: SB3's text outputs get the summary key of each monitor, or every scalar.
+TEXT_LOGS = ("summary", "all")
 
 
 def epsilon_label(epsilon: float) -> str:
@@ -107,7 +110,11 @@ class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
         moves to the next rollout.
     :param seed: seed of the subsampling and probe generators (combined with the rollout count).
     :param verbose: verbosity level.
+    :param text_logs: ``"summary"``: SB3's text outputs (stdout table, csv, json, log) get one key per monitor, every
+        key goes to TensorBoard; ``"all"``: every scalar goes to every output.
     """
+
+    summary_key: str = ""
 
     def __init__(
         self,
@@ -117,8 +124,10 @@ class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
         min_task_samples: int = 64,
         seed: int = 0,
         verbose: int = 0,
+        text_logs: str = "summary",
     ) -> None:
         super().__init__(verbose)
+        self.text_logs = check_one_of("text_logs", text_logs, TEXT_LOGS)
         if every_n_rollouts is not None:
             check_int("every_n_rollouts", every_n_rollouts, minimum=1)
         if n_samples is not None:
@@ -139,6 +148,7 @@ class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
         self._log_interval: int | None = None
         self._rollouts_in_learn = 0
         self._rollouts_since_measurement = 0
+        self._written_now: dict[str, tuple[Any, tuple[str, ...]]] | None = None
 
     # -- SB3 events ---------------------------------------------------------------------------------------------------
     def _init_callback(self) -> None:
@@ -192,7 +202,35 @@ class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
     def _run(self, first_step: int, task_start: bool) -> None:
         self._rollouts_since_measurement = 0
         self.n_measurements += 1
-        self._measure(first_step, task_start)
+        # A task-start measurement on a rollout whose logs SB3 does not dump goes to TensorBoard now, at its own step:
+        # left in the logger, a later measurement could overwrite it before the next dump.
+        self._written_now = {} if task_start and not self._dump_rollout() else None
+        try:
+            self._measure(first_step, task_start)
+            if self._written_now:
+                self._write_tensorboard_now(self._written_now)
+        finally:
+            self._written_now = None
+
+    def _dump_rollout(self) -> bool:
+        """Whether SB3 dumps the logs of the current rollout (``iteration % log_interval == 0``)."""
+        return self._log_interval is not None and self._rollouts_in_learn % self._log_interval == 0
+
+    def _log(self, key: str, value: Any, exclude: tuple[str, ...] = ()) -> None:
+        """Record ``key``: to TensorBoard always; to the text outputs if it is the summary key or ``text_logs="all"``."""
+        if self.text_logs == "summary" and key != self.summary_key:
+            exclude = tuple(dict.fromkeys((*exclude, *NON_TENSORBOARD_FORMATS)))
+        if self._written_now is not None:
+            self._written_now[key] = (value, exclude)
+            exclude = (*exclude, "tensorboard")
+        self.logger.record(key, value, exclude=exclude or None)
+
+    def _write_tensorboard_now(self, records: dict[str, tuple[Any, tuple[str, ...]]]) -> None:
+        values = {key: value for key, (value, _) in records.items()}
+        excluded = {key: exclude for key, (_, exclude) in records.items()}
+        for writer in self.logger.output_formats:
+            if isinstance(writer, TensorBoardOutputFormat):
+                writer.write(values, excluded, step=int(self.num_timesteps))
 
     @abstractmethod
     def _measure(self, first_step: int, task_start: bool) -> None:
@@ -331,6 +369,8 @@ class HessianSpectrumCallback(_RolloutMonitor):
     :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling and the probes.
     :param verbose: verbosity level.
+    :param text_logs: ``"summary"`` (default): only ``hessian/<first group>/lambda_max`` reaches SB3's text outputs
+        (stdout, csv, json, log), every key TensorBoard; ``"all"``: every scalar reaches every output.
     """
 
     def __init__(
@@ -348,9 +388,11 @@ class HessianSpectrumCallback(_RolloutMonitor):
         min_task_samples: int = 64,
         seed: int = 0,
         verbose: int = 0,
+        text_logs: str = "summary",
     ) -> None:
-        super().__init__(every_n_rollouts, on_task_switch, n_samples, min_task_samples, seed, verbose)
+        super().__init__(every_n_rollouts, on_task_switch, n_samples, min_task_samples, seed, verbose, text_logs)
         self.settings = _SpectrumSettings(parameter_groups, lanczos_steps, num_probes, epsilons, actor_objective)
+        self.summary_key = f"hessian/{self.settings.parameter_groups[0]}/lambda_max"
         self.log_density_figure = bool(log_density_figure)
         self.log_ritz_histogram = bool(log_ritz_histogram)
         _check_keys([key for group in self.settings.parameter_groups for key in self._scalar_keys(group).values()])
@@ -398,29 +440,29 @@ class HessianSpectrumCallback(_RolloutMonitor):
         results = self.measure(first_step, task_start)
         for group, measurement in results.items():
             self._record(group, measurement)
-        self.logger.record("hessian/seconds", float(sum(m.seconds for m in results.values())))
+        self._log("hessian/seconds", float(sum(m.seconds for m in results.values())))
 
     def _record(self, group: str, measurement: SpectrumMeasurement) -> None:
         keys, summary = self._scalar_keys(group), measurement.summary
-        self.logger.record(keys["lambda_max"], summary.lambda_max)
-        self.logger.record(keys["lambda_min"], summary.lambda_min)
-        self.logger.record(keys["neg_mass"], summary.negative_mass)
-        self.logger.record(keys["trace"], summary.trace.estimate)
-        self.logger.record(keys["trace_ci"], float((summary.trace.ci_high - summary.trace.ci_low) / 2))
+        self._log(keys["lambda_max"], summary.lambda_max)
+        self._log(keys["lambda_min"], summary.lambda_min)
+        self._log(keys["neg_mass"], summary.negative_mass)
+        self._log(keys["trace"], summary.trace.estimate)
+        self._log(keys["trace_ci"], float((summary.trace.ci_high - summary.trace.ci_low) / 2))
         for eps, value, (lower, upper) in zip(
             summary.epsilons, summary.epsilon_ranks, summary.epsilon_rank_bounds, strict=True
         ):
-            self.logger.record(keys[f"eps_{eps!r}"], float(value))
-            self.logger.record(keys[f"eps_lo_{eps!r}"], float(lower))
-            self.logger.record(keys[f"eps_hi_{eps!r}"], float(upper))
+            self._log(keys[f"eps_{eps!r}"], float(value))
+            self._log(keys[f"eps_lo_{eps!r}"], float(lower))
+            self._log(keys[f"eps_hi_{eps!r}"], float(upper))
         if not any(isinstance(writer, TensorBoardOutputFormat) for writer in self.logger.output_formats):
             return  # histograms and figures go to TensorBoard only: do not build what no writer will render
         if self.log_ritz_histogram:
-            self.logger.record(keys["ritz"], measurement.quadrature.all_nodes().cpu().numpy(), exclude=NON_TENSORBOARD_FORMATS)
+            self._log(keys["ritz"], measurement.quadrature.all_nodes().cpu().numpy(), NON_TENSORBOARD_FORMATS)
         if self.log_density_figure:
             figure = self._density_figure(group, measurement)
             if figure is not None:
-                self.logger.record(keys["density"], Figure(figure, close=True), exclude=NON_TENSORBOARD_FORMATS)
+                self._log(keys["density"], Figure(figure, close=True), NON_TENSORBOARD_FORMATS)
 
     def _density_figure(self, group: str, measurement: SpectrumMeasurement) -> Any:
         try:
@@ -478,6 +520,8 @@ class FeatureRankCallback(_RolloutMonitor):
     :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling.
     :param verbose: verbosity level.
+    :param text_logs: ``"summary"`` (default): only ``plasticity/<first layer>/erank`` reaches SB3's text outputs,
+        every key TensorBoard; ``"all"``: every scalar reaches every output.
     """
 
     def __init__(
@@ -494,8 +538,9 @@ class FeatureRankCallback(_RolloutMonitor):
         min_task_samples: int = 64,
         seed: int = 0,
         verbose: int = 0,
+        text_logs: str = "summary",
     ) -> None:
-        super().__init__(every_n_rollouts, on_task_switch, n_samples, min_task_samples, seed, verbose)
+        super().__init__(every_n_rollouts, on_task_switch, n_samples, min_task_samples, seed, verbose, text_logs)
         if isinstance(layers, str):
             layers = (layers,)
         self.requested_layers = None if layers is None else tuple(layers)
@@ -524,6 +569,7 @@ class FeatureRankCallback(_RolloutMonitor):
             self.layers = self.requested_layers
         if not self.layers:
             raise ValueError("the policy has no hidden layers to monitor (empty net_arch?)")
+        self.summary_key = f"plasticity/{self.layers[0]}/erank"
         _check_keys([f"plasticity/{layer}/{name}" for layer in self.layers for name in FEATURE_METRIC_NAMES])
         if self.log_weights and not self._initial_weights:
             self._initial_weights = {
@@ -549,12 +595,12 @@ class FeatureRankCallback(_RolloutMonitor):
     def _measure(self, first_step: int, task_start: bool) -> None:
         for layer, metrics in self.measure(first_step).items():
             for name, value in metrics.items():
-                self.logger.record(f"plasticity/{layer}/{name}", float(value))
+                self._log(f"plasticity/{layer}/{name}", float(value))
         if self.log_weights:
             for group, initial in self._initial_weights.items():
                 params = self.access.parameters(group)
-                self.logger.record(f"plasticity/{group}/weight_norm", weight_norm(params))
-                self.logger.record(f"plasticity/{group}/dist_init", distance_to_initial(params, initial))
+                self._log(f"plasticity/{group}/weight_norm", weight_norm(params))
+                self._log(f"plasticity/{group}/dist_init", distance_to_initial(params, initial))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -662,6 +708,8 @@ class TrainabilityCallback(_RolloutMonitor):
     :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling and the probes.
     :param verbose: verbosity level.
+    :param text_logs: ``"summary"`` (default): only ``trainability/<first group>/ratio`` reaches SB3's text outputs,
+        every key TensorBoard; ``"all"``: every scalar reaches every output.
     """
 
     def __init__(
@@ -679,6 +727,7 @@ class TrainabilityCallback(_RolloutMonitor):
         seed: int = 0,
         verbose: int = 0,
         epsilon_scale: str | None = None,
+        text_logs: str = "summary",
     ) -> None:
         super().__init__(
             every_n_rollouts=None,  # task starts only: the measurement point of the trainability indicator
@@ -687,6 +736,7 @@ class TrainabilityCallback(_RolloutMonitor):
             min_task_samples=min_task_samples,
             seed=seed,
             verbose=verbose,
+            text_logs=text_logs,
         )
         self.epsilon = None if epsilon is None else check_epsilons((epsilon,))[0]
         if epsilon_scale is not None:
@@ -709,6 +759,7 @@ class TrainabilityCallback(_RolloutMonitor):
         self.spectrum_source = spectrum_source
         # The ε-rank is computed from the quadrature at this callback's own ε, so the settings' epsilons are unused.
         self.settings = _SpectrumSettings(parameter_groups, lanczos_steps, num_probes, (1.0,), actor_objective)
+        self.summary_key = f"trainability/{self.settings.parameter_groups[0]}/ratio"
         _check_keys(
             ["trainability/task"]
             + [
@@ -779,10 +830,10 @@ class TrainabilityCallback(_RolloutMonitor):
                 "collapse": float(record.collapsed),
             }
             for name, value in values.items():
-                self.logger.record(f"trainability/{group}/{name}", float(value))
+                self._log(f"trainability/{group}/{name}", float(value))
             if record.collapsed and self.verbose >= 1:
                 print(f"TrainabilityCallback: spectral collapse of the {group} Hessian at task {task} (ratio {ratio:.3g})")
-        self.logger.record("trainability/task", float(task))
+        self._log("trainability/task", float(task))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -808,6 +859,9 @@ class PlasticityMonitor(InstanceOnlyCallback, CallbackList):
     :param trainability_kwargs: extra keyword arguments of :class:`TrainabilityCallback`.
     :param seed: seed of every subsample and probe.
     :param verbose: verbosity level.
+    :param text_logs: ``"summary"`` (default): SB3's text outputs (the console table, csv, json) get three keys,
+        ``hessian/<first group>/lambda_max``, ``plasticity/<first layer>/erank`` and ``trainability/<first
+        group>/ratio``, and TensorBoard every key; ``"all"``: every scalar reaches every output.
     """
 
     def __init__(
@@ -823,22 +877,18 @@ class PlasticityMonitor(InstanceOnlyCallback, CallbackList):
         trainability_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
         verbose: int = 0,
+        text_logs: str = "summary",
     ) -> None:
+        common = {"seed": seed, "verbose": verbose, "text_logs": text_logs}
         hessian_options: dict[str, Any] = {
             "parameter_groups": parameter_groups,
             "every_n_rollouts": every_n_rollouts,
             "epsilons": epsilons,
-            "seed": seed,
-            "verbose": verbose,
+            **common,
             **(hessian_kwargs or {}),
         }
         self.hessian = HessianSpectrumCallback(**hessian_options)
-        feature_options: dict[str, Any] = {
-            "every_n_rollouts": feature_every_n_rollouts,
-            "seed": seed,
-            "verbose": verbose,
-            **(feature_kwargs or {}),
-        }
+        feature_options: dict[str, Any] = {"every_n_rollouts": feature_every_n_rollouts, **common, **(feature_kwargs or {})}
         self.features = FeatureRankCallback(**feature_options)
         # The trainability callback reuses the Hessian callback's task-start spectra, so it gets the same settings.
         shared = ("n_samples", "lanczos_steps", "num_probes", "actor_objective", "min_task_samples")
@@ -847,8 +897,7 @@ class PlasticityMonitor(InstanceOnlyCallback, CallbackList):
             "collapse_threshold": collapse_threshold,
             "parameter_groups": parameter_groups,
             "spectrum_source": self.hessian,
-            "seed": seed,
-            "verbose": verbose,
+            **common,
             **{key: value for key, value in (hessian_kwargs or {}).items() if key in shared},
             **(trainability_kwargs or {}),
         }
