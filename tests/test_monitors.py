@@ -473,3 +473,42 @@ def test_task_start_spectrum_reaches_tensorboard_at_its_own_step(tmp_path):
     assert sorted(measured) == [64, 320]  # task 0 at rollout 1; periodic at rollout 5, the first dump
     events = {event.step: event.value for event in _events(str(tmp_path)).Scalars("hessian/critic/lambda_max")}
     assert events == pytest.approx(measured)
+
+
+def test_tensorboard_gets_one_custom_scalars_layout_and_task_start_verdicts(tmp_path):
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    model = _make_model("PPO")
+    model.set_logger(configure(str(tmp_path), ["tensorboard"]))
+    monitor = PlasticityMonitor(every_n_rollouts=1, hessian_kwargs=FAST_SPECTRUM, feature_kwargs=dict(n_samples=64))
+    model.learn(2 * 64, callback=monitor)
+    model.learn(64, callback=monitor, reset_num_timesteps=False)  # a second learn() writes no second layout
+
+    files = glob.glob(os.path.join(str(tmp_path), "**", "events.out.tfevents.*"), recursive=True)
+    events = EventAccumulator(os.path.dirname(files[0]), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    configs = events.Tensors("custom_scalars__config__")
+    assert len(configs) == 1
+    layout = layout_pb2.Layout.FromString(configs[0].tensor_proto.string_val[0])
+    charts = {chart.title: chart for category in layout.category for chart in category.chart}
+    scalars = set(events.Tags()["scalars"])
+    bracket = charts["critic: ε-rank, ε = 0.01 (bracket)"].margin.series[0]
+    assert (bracket.value, bracket.lower, bracket.upper) == (
+        "hessian/critic/eps_rank_0.01",
+        "hessian/critic/eps_rank_lo_0.01",
+        "hessian/critic/eps_rank_hi_0.01",
+    )
+    # Every chart draws series that exist: each regex of a multiline chart matches a logged tag.
+    for title, chart in charts.items():
+        if chart.HasField("multiline"):
+            for pattern in chart.multiline.tag:
+                assert any(re.search(pattern, tag) for tag in scalars), (title, pattern)
+        else:
+            for series in chart.margin.series:
+                assert {series.value, series.lower, series.upper} <= scalars, title
+    assert len([tag for tag in scalars if re.search(charts["erank (every layer)"].multiline.tag[0], tag)]) == 4
+    verdicts = events.Tensors("trainability/verdict/text_summary")
+    assert [event.step for event in verdicts] == [64]
+    assert verdicts[0].tensor_proto.string_val[0].decode().startswith("task 0 at step 64: actor: ε-rank")

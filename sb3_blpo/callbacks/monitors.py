@@ -43,6 +43,15 @@ from stable_baselines3.common.logger import Figure, TensorBoardOutputFormat
 
 from sb3_blpo._validation import InvalidParameterError, check_float, check_int, check_one_of
 from sb3_blpo.callbacks.guard import InstanceOnlyCallback
+from sb3_blpo.callbacks.tensorboard_layout import (
+    Layout,
+    feature_layout,
+    hessian_layout,
+    merge_layouts,
+    trainability_layout,
+    write_layout,
+    write_text,
+)
 from sb3_blpo.common.losses import ACTOR_OBJECTIVES
 from sb3_blpo.common.model_view import OnPolicyModelView
 from sb3_blpo.common.parameters import PARAMETER_GROUPS
@@ -115,6 +124,8 @@ class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
     """
 
     summary_key: str = ""
+    #: Write :meth:`layout` to TensorBoard at the first training start (a bundle writes its children's together).
+    write_layout: bool = True
 
     def __init__(
         self,
@@ -149,6 +160,7 @@ class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
         self._rollouts_in_learn = 0
         self._rollouts_since_measurement = 0
         self._written_now: dict[str, tuple[Any, tuple[str, ...]]] | None = None
+        self._layout_written = False
 
     # -- SB3 events ---------------------------------------------------------------------------------------------------
     def _init_callback(self) -> None:
@@ -162,6 +174,12 @@ class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
         self._log_interval = int(log_interval) if isinstance(log_interval, int | np.integer) and log_interval > 0 else None
         self._rollouts_in_learn = 0
         self.tasks.start_first_task()
+        if self.write_layout and not self._layout_written:
+            self._layout_written = write_layout(self.logger, self.layout())
+
+    def layout(self) -> Layout:
+        """This monitor's charts for TensorBoard's Custom Scalars tab (see :mod:`sb3_blpo.callbacks.tensorboard_layout`)."""
+        return {}
 
     def _on_rollout_start(self) -> None:
         self.tasks.rollout_started()
@@ -411,6 +429,9 @@ class HessianSpectrumCallback(_RolloutMonitor):
     def _make_access(self) -> OnPolicyModelView:
         return OnPolicyModelView(self.model, self.settings.actor_objective)
 
+    def layout(self) -> Layout:
+        return hessian_layout(self.settings.parameter_groups, [epsilon_label(eps) for eps in self.settings.epsilons])
+
     def measure(self, first_step: int = 0, task_start: bool = False) -> dict[str, SpectrumMeasurement]:
         """Measure every configured group on the current rollout buffer now (also usable outside the cadence).
 
@@ -575,6 +596,9 @@ class FeatureRankCallback(_RolloutMonitor):
             self._initial_weights = {
                 group: [p.detach().clone() for p in self.access.parameters(group)] for group in ("actor", "critic")
             }
+
+    def layout(self) -> Layout:
+        return feature_layout(FEATURE_METRIC_NAMES)
 
     def measure(self, first_step: int = 0) -> dict[str, dict[str, float]]:
         """Feature metrics of every selected layer on the current rollout buffer (also usable outside the cadence)."""
@@ -794,6 +818,9 @@ class TrainabilityCallback(_RolloutMonitor):
             self.group_epsilons[group] = relative_epsilon_of(quadrature, self.relative_epsilon)
         return self.group_epsilons[group]
 
+    def layout(self) -> Layout:
+        return trainability_layout(self.settings.parameter_groups)
+
     def _measure(self, first_step: int, task_start: bool) -> None:
         batch_cache: dict[str, RolloutBatch] = {}
         task = self.tasks.task_index
@@ -834,6 +861,19 @@ class TrainabilityCallback(_RolloutMonitor):
             if record.collapsed and self.verbose >= 1:
                 print(f"TrainabilityCallback: spectral collapse of the {group} Hessian at task {task} (ratio {ratio:.3g})")
         self._log("trainability/task", float(task))
+        self._log("trainability/collapse_threshold", self.collapse_threshold)
+        verdicts = [
+            f"{record.group}: ε-rank {record.epsilon_rank:.3g} (ratio {record.ratio:.3g}, "
+            f"{'SPECTRAL COLLAPSE' if record.collapsed else 'no collapse'})"
+            for record in self.history
+            if record.task_index == task and record.num_timesteps == int(self.num_timesteps)
+        ]
+        write_text(
+            self.logger,
+            "trainability/verdict",
+            f"task {task} at step {self.num_timesteps}: " + "; ".join(verdicts),
+            int(self.num_timesteps),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -903,6 +943,15 @@ class PlasticityMonitor(InstanceOnlyCallback, CallbackList):
         }
         self.trainability = TrainabilityCallback(**trainability_options)
         super().__init__([self.hessian, self.features, self.trainability])
+        for monitor in (self.hessian, self.features, self.trainability):
+            monitor.write_layout = False  # one layout with the three monitors' charts (see _on_training_start)
+        self._layout_written = False
+
+    def _on_training_start(self) -> None:
+        super()._on_training_start()
+        if not self._layout_written:
+            layout = merge_layouts(monitor.layout() for monitor in (self.hessian, self.features, self.trainability))
+            self._layout_written = write_layout(self.logger, layout)
 
     def update_child_locals(self, locals_: dict[str, Any]) -> None:
         # The children read the step's locals only for task-switch flags, which this callback checks for them; skip
