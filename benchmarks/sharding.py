@@ -1,4 +1,5 @@
-"""``--shard I/N`` for the benchmark campaigns: run only every N-th run of a fixed list, starting at I.
+"""What the benchmark campaigns share: ``--jobs``, ``--out``, ``--summary`` and ``--shard I/N``, which runs only
+every N-th run of a fixed list, starting at I.
 
 A batch scheduler that sets an index (a Slurm job array: ``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``)
 spreads a campaign over machines with no coordinator: each shard takes its slice of the *full* run list (finished or
@@ -9,7 +10,9 @@ the reports. Used by ``returns/suite.py``, ``continual/study.py`` and ``tuning/t
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 Run = TypeVar("Run")
@@ -41,3 +44,31 @@ def select_shard(runs: Sequence[Run], shard: tuple[int, int]) -> list[Run]:
     """The runs of ``shard`` = ``(I, N)``: ``runs[I], runs[I + N], …`` of the full, fixed-order list."""
     index, count = shard
     return list(runs[index::count])
+
+
+def add_campaign_arguments(parser: argparse.ArgumentParser, default_out: Path, summary: bool = True) -> None:
+    """``--jobs``, ``--out``, ``--summary`` (if the campaign has one) and ``--shard``."""
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine (one process each)")
+    parser.add_argument("--out", type=Path, default=default_out)
+    if summary:
+        parser.add_argument("--summary", action="store_true", help="print the table of finished runs and exit")
+    add_shard_argument(parser)
+
+
+def run_parallel(launch: Callable[[Run], None], runs: Sequence[Run], jobs: int) -> None:
+    """``launch(run)`` for every run, ``jobs`` at a time (each launch starts and waits for its own process)."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(launch, runs))
+
+
+def parse_campaign_arguments(
+    parser: argparse.ArgumentParser, summary: Callable[[argparse.Namespace], str] | None = None
+) -> argparse.Namespace | None:
+    """Parse the command line (``--out`` made absolute); with ``--summary``, print ``summary(args)`` and return
+    ``None`` (nothing to run)."""
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    if summary is not None and args.summary:
+        print(summary(args))
+        return None
+    return args

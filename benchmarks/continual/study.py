@@ -33,7 +33,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from sb3_blpo.callbacks import FeatureRankCallback, HessianSpectrumCallback, Pla
 from sb3_blpo.envs import TASK_ID_INFO_KEY, FlippedActions, PermutedObservations
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sharding import add_shard_argument, select_shard
+from sharding import add_campaign_arguments, run_parallel, select_shard
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -256,10 +255,8 @@ def main() -> None:
     parser.add_argument("--l2-coef", type=float, default=DEFAULT_L2_COEF, help="PlasticityRegularizer l2_coef")
     parser.add_argument("--ascent-lr", type=float, default=DEFAULT_ASCENT_LR, help="PlasticityRegularizer ascent_lr")
     parser.add_argument("--l2-init-coef", type=float, default=DEFAULT_L2_INIT_COEF, help="... l2_init_coef")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     parser.add_argument("--run", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
-    add_shard_argument(parser)
+    add_campaign_arguments(parser, DEFAULT_OUT, summary=False)
     args = parser.parse_args()
     if args.run:
         run_one(args.run[0], int(args.run[1]), args)
@@ -288,8 +285,7 @@ def main() -> None:
         status = "ok" if result.returncode == 0 else f"FAILED\n{result.stderr[-3000:]}"
         print(f"{variant} seed {seed}: {status} ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(launch, pending))
+    run_parallel(launch, pending, args.jobs)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,17 +29,11 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from methods import LABELS
+from methods import METHODS as METHOD_ORDER
+
 HERE = Path(__file__).resolve().parent
-METHOD_ORDER = ("backprop", "l2", "er", "l2_er", "l2_init", "snp", "reset")
-LABELS = {
-    "backprop": "backprop",
-    "l2": "L2",
-    "er": "ER",
-    "l2_er": "L2+ER",
-    "l2_init": "L2-Init",
-    "snp": "Shrink & Perturb",
-    "reset": "reset every task",
-}
 STREAM_TITLES = {"permuted": "Permuted digits", "random_labels": "Random-label digits"}
 # ε-rank definitions compared in the report: (column, label).
 RANK_COLUMNS = (
@@ -352,6 +347,16 @@ def markdown(stream: str, summary: dict[str, Any], protocol: dict[str, Any], sec
     return lines
 
 
+def _save(figure: Any, axes: Any, path: Path, legend_size: int) -> None:
+    """Legend in the first panel, tight layout, PNG at 110 dpi, figure closed."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].legend(fontsize=legend_size)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def plots(runs: dict[str, dict[str, dict[int, list[dict[str, float]]]]], summaries: dict[str, Any], out: Path) -> None:
     """The report's figures."""
     import matplotlib
@@ -369,10 +374,7 @@ def plots(runs: dict[str, dict[str, dict[int, list[dict[str, float]]]]], summari
             axis.plot(moving_average(accuracy, 5), label=LABELS[method], color=colors[method], lw=1.2)
         axis.set(title=f"{STREAM_TITLES.get(stream, stream)}: online accuracy (5-task mean)", xlabel="task", ylabel="accuracy")
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "accuracy.png", dpi=110)
-    plt.close(figure)
+    _save(figure, axes, out / "accuracy.png", legend_size=8)
 
     titles = {
         "eps_rank_0.01": "ε = 0.01",
@@ -388,10 +390,7 @@ def plots(runs: dict[str, dict[str, dict[int, list[dict[str, float]]]]], summari
                 axis.plot(ranks["tasks"], ranks[column], label=LABELS[method], color=colors[method], lw=1.2)
             axis.set(title=f"{stream}: ε-rank, {titles[column]}", xlabel="task start", yscale="log")
             axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "epsilon_rank.png", dpi=110)
-    plt.close(figure)
+    _save(figure, axes, out / "epsilon_rank.png", legend_size=7)
 
     figure, axes = plt.subplots(1, len(streams), figsize=(6 * len(streams), 4), squeeze=False)
     for axis, stream in zip(axes[0], streams, strict=True):
@@ -400,10 +399,7 @@ def plots(runs: dict[str, dict[str, dict[int, list[dict[str, float]]]]], summari
             axis.plot(lmax["tasks"], lmax["geomean"], label=LABELS[method], color=colors[method], lw=1.2)
         axis.set(title=f"{stream}: λmax at task starts", xlabel="task start", yscale="log")
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "lambda_max.png", dpi=110)
-    plt.close(figure)
+    _save(figure, axes, out / "lambda_max.png", legend_size=8)
 
     figure, axes = plt.subplots(len(streams), 2, figsize=(11, 3.6 * len(streams)), squeeze=False)
     for row, stream in enumerate(streams):
@@ -414,10 +410,7 @@ def plots(runs: dict[str, dict[str, dict[int, list[dict[str, float]]]]], summari
                 axis.plot(ranks["tasks"], ranks[name], label=LABELS[method], color=colors[method], lw=1.2)
             axis.set(title=f"{stream}: {title} (hidden-layer mean)", xlabel="task start")
             axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "features.png", dpi=110)
-    plt.close(figure)
+    _save(figure, axes, out / "features.png", legend_size=7)
 
     figure, axes = plt.subplots(len(streams), 3, figsize=(15, 3.8 * len(streams)), squeeze=False)
     for row, stream in enumerate(streams):
@@ -430,10 +423,7 @@ def plots(runs: dict[str, dict[str, dict[int, list[dict[str, float]]]]], summari
             axis.set(title=f"{stream}: {titles[column]}, R² = {value:.2f}", xlabel="ε-rank at task start", ylabel="accuracy")
             axis.set_xscale("log")
             axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "r2_scatter.png", dpi=110)
-    plt.close(figure)
+    _save(figure, axes, out / "r2_scatter.png", legend_size=7)
 
 
 def write_task_means(runs: dict[str, dict[str, dict[int, list[dict[str, float]]]]], out: Path) -> None:

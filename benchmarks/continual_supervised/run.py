@@ -68,6 +68,9 @@ FIXED_EPSILONS = (1e-3, 1e-2, 1e-1)
 RELATIVE_EPSILONS = (0.01, 0.05)
 EPSILON_SCALES = ("task0", "current")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from methods import METHODS  # noqa: E402
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -112,18 +115,6 @@ def method_specs(args: argparse.Namespace) -> dict[str, MethodSpec]:
         "snp": MethodSpec(shrink=args.shrink, noise_std=args.noise_std),
         "reset": MethodSpec(reset=True),
     }
-
-
-METHODS = ("backprop", "l2", "er", "l2_er", "l2_init", "snp", "reset")
-LABELS = {
-    "backprop": "backprop",
-    "l2": "L2",
-    "er": "ER",
-    "l2_er": "L2+ER",
-    "l2_init": "L2-Init",
-    "snp": "Shrink & Perturb",
-    "reset": "reset every task",
-}
 
 
 @dataclass(frozen=True)

@@ -45,14 +45,13 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sharding import add_shard_argument, select_shard
+from sharding import add_campaign_arguments, parse_campaign_arguments, run_parallel, select_shard
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -317,15 +316,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the profile's steps per run (all envs)")
     parser.add_argument("--evals", type=int, default=10, help="evaluations per run")
     parser.add_argument("--eval-episodes", type=int, default=5)
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep-logs", action="store_true", help="keep rl-zoo3's log folders (models, configs)")
-    parser.add_argument("--summary", action="store_true", help="print the table of finished runs and exit")
-    add_shard_argument(parser)
-    args = parser.parse_args()
-    args.out = args.out.resolve()
-    if args.summary:
-        print(summary(args))
+    add_campaign_arguments(parser, DEFAULT_OUT)
+    args = parse_campaign_arguments(parser, summary)
+    if args is None:
         return
     jobs = [job for job in select_shard(run_list(args), args.shard) if not csv_path(args.out, *job[:3]).exists()]
     print(f"{len(jobs)} runs to do ({args.profile} profile)", flush=True)
@@ -335,8 +329,7 @@ def main() -> None:
         env_id, variant, seed, steps = job
         print(f"{env_id} {variant} seed {seed} ({steps} steps): {run(env_id, variant, seed, steps, args)}", flush=True)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(launch, jobs))
+    run_parallel(launch, jobs, args.jobs)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sharding import add_shard_argument, select_shard
+from sharding import add_campaign_arguments, parse_campaign_arguments, run_parallel, select_shard
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "tuning"
@@ -79,14 +78,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30, help="trials per study, over all workers and re-runs")
     parser.add_argument("--steps", type=int, default=50_000, help="env steps per trial")
     parser.add_argument("--workers", type=int, default=1, help="worker processes per study")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--summary", action="store_true", help="print the best trial of each study and exit")
-    add_shard_argument(parser)
-    args = parser.parse_args()
-    args.out = args.out.resolve()
-    if args.summary:
-        print(summary(args))
+    add_campaign_arguments(parser, DEFAULT_OUT)
+    args = parse_campaign_arguments(parser, summary)
+    if args is None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     runs = select_shard(run_list(args), args.shard)
@@ -105,8 +99,7 @@ def main() -> None:
         status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})\n{result.stderr[-2000:]}"
         print(f"{env_id} worker {worker}: {status} ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(launch, runs))
+    run_parallel(launch, runs, args.jobs)
 
 
 if __name__ == "__main__":

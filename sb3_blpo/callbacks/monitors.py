@@ -538,11 +538,11 @@ class FeatureRankCallback(_RolloutMonitor):
     :param approximate_rank_threshold: energy fraction of the approximate rank.
     :param dormant_tau: τ of the dormant-unit fraction.
     :param log_weights: also log weight norms and distances to the initial weights.
+    :param text_logs: ``"summary"`` (default): only ``plasticity/<first layer>/erank`` reaches SB3's text outputs,
+        every key TensorBoard; ``"all"``: every scalar reaches every output.
     :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling.
     :param verbose: verbosity level.
-    :param text_logs: ``"summary"`` (default): only ``plasticity/<first layer>/erank`` reaches SB3's text outputs,
-        every key TensorBoard; ``"all"``: every scalar reaches every output.
     """
 
     def __init__(
@@ -556,10 +556,10 @@ class FeatureRankCallback(_RolloutMonitor):
         approximate_rank_threshold: float = 0.99,
         dormant_tau: float = 0.1,
         log_weights: bool = True,
+        text_logs: str = "summary",
         min_task_samples: int = 64,
         seed: int = 0,
         verbose: int = 0,
-        text_logs: str = "summary",
     ) -> None:
         super().__init__(every_n_rollouts, on_task_switch, n_samples, min_task_samples, seed, verbose, text_logs)
         if isinstance(layers, str):
@@ -753,15 +753,8 @@ class TrainabilityCallback(_RolloutMonitor):
         epsilon_scale: str | None = None,
         text_logs: str = "summary",
     ) -> None:
-        super().__init__(
-            every_n_rollouts=None,  # task starts only: the measurement point of the trainability indicator
-            on_task_switch=True,
-            n_samples=n_samples,
-            min_task_samples=min_task_samples,
-            seed=seed,
-            verbose=verbose,
-            text_logs=text_logs,
-        )
+        # No periodic cadence (None), task starts only (True): the measurement point of the trainability indicator.
+        super().__init__(None, True, n_samples, min_task_samples, seed, verbose, text_logs)
         self.epsilon = None if epsilon is None else check_epsilons((epsilon,))[0]
         if epsilon_scale is not None:
             check_one_of("epsilon_scale", epsilon_scale, EPSILON_SCALES)
