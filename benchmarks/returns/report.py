@@ -36,6 +36,10 @@ ZOO_PPO_REFERENCE = {
     "HalfCheetah-v5": 5819.099,
 }
 BOOTSTRAP_REPS = 2000
+#: Section 1 of the suite: the variants a user chooses between (the others are studies and history).
+MAIN_REPORT_VARIANTS = ("ppo", "blpo", "blpo_nested", "blpo_authors", "blpo_dropin")
+#: One colour per variant in every figure (matplotlib's tab10, in the order of suite.LABELS).
+COLORS = {variant: f"C{index % 10}" for index, variant in enumerate(LABELS)}
 
 
 def load(results: Path) -> pd.DataFrame:
@@ -129,8 +133,8 @@ def plot_curves(evals: pd.DataFrame, variants: list[str], envs: list[str], out: 
                 lambda x: np.array([metrics.aggregate_iqm(x[..., f]) for f in range(x.shape[-1])]),
             )
             steps = curves.columns.to_numpy()
-            ax.plot(steps, point[variant], label=LABELS[variant])
-            ax.fill_between(steps, ci[variant][0], ci[variant][1], alpha=0.2)
+            ax.plot(steps, point[variant], label=LABELS[variant], color=COLORS[variant])
+            ax.fill_between(steps, ci[variant][0], ci[variant][1], alpha=0.2, color=COLORS[variant])
         ax.set(title=env, xlabel="env steps", ylabel="IQM return")
     for ax in list(axes.flat)[len(envs) :]:
         ax.axis("off")
@@ -150,8 +154,8 @@ def plot_profiles(normalised: dict[str, np.ndarray], out: Path) -> None:
     profiles, profile_cis = rly.create_performance_profile(normalised, taus, reps=BOOTSTRAP_REPS)
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant in normalised:
-        ax.plot(taus, profiles[variant], label=LABELS[variant])
-        ax.fill_between(taus, profile_cis[variant][0], profile_cis[variant][1], alpha=0.2)
+        ax.plot(taus, profiles[variant], label=LABELS[variant], color=COLORS[variant])
+        ax.fill_between(taus, profile_cis[variant][0], profile_cis[variant][1], alpha=0.2, color=COLORS[variant])
     ax.set(xlabel="normalised score τ (1 = rl-zoo3 PPO, published)", ylabel="fraction of runs with score > τ")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -162,11 +166,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
+    parser.add_argument("--variants", nargs="+", default=list(MAIN_REPORT_VARIANTS), choices=list(LABELS))
     args = parser.parse_args()
     evals = load(args.results)
+    evals = evals[evals["variant"].isin(args.variants)]
     random_scores = json.loads((args.results / RANDOM_SCORES_FILE).read_text())
     envs = [env for env in ENVS if env in set(evals["env"])]
-    variants = [v for v in LABELS if v in set(evals["variant"])]
+    variants = [v for v in args.variants if v in set(evals["variant"])]
     scores = final_scores(evals)
     scores["normalised"] = [
         (row.mean_return - random_scores[row.env]) / (ZOO_PPO_REFERENCE[row.env] - random_scores[row.env])
