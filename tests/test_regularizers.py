@@ -461,12 +461,11 @@ def test_bad_model_fails_at_init_callback(make_model, kwargs, error, message):
         PlasticityRegularizer(**kwargs).init_callback(make_model())
 
 
-def test_trpo_recurrent_and_maskable_ppo_are_refused():
+def test_trpo_and_recurrent_ppo_are_refused():
     sb3_contrib = pytest.importorskip("sb3_contrib")
     for model in (
         sb3_contrib.TRPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, policy_kwargs=NET),
         sb3_contrib.RecurrentPPO("MlpLstmPolicy", "CartPole-v1", n_steps=32, batch_size=32),
-        sb3_contrib.MaskablePPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, policy_kwargs=NET),
     ):
         with pytest.raises(TypeError, match="cannot reach the training loss"):
             PlasticityRegularizer(l2_coef=1e-4).init_callback(model)

@@ -20,19 +20,30 @@ def takes_loss_terms(model: Any) -> bool:
     return callable(getattr(model, "add_loss_term", None)) and callable(getattr(model, "remove_loss_term", None))
 
 
+def joint_loss_algorithms() -> tuple[type, ...]:
+    """Algorithms with one joint loss and one ``policy.optimizer`` step per minibatch after one ``zero_grad``."""
+    from stable_baselines3 import A2C, PPO
+
+    try:
+        from sb3_contrib import MaskablePPO
+    except ImportError:
+        return (PPO, A2C)
+    return (PPO, A2C, MaskablePPO)
+
+
 def check_training_access(model: Any, who: str) -> OnPolicyModelView:
     """The model view of an algorithm whose training a callback can reach; a clear ``TypeError`` otherwise.
 
-    Reachable: models with :meth:`~sb3_blpo.BLPO.add_loss_term` (terms go into their losses), and PPO and A2C (one
-    ``policy.optimizer`` step per minibatch, preceded by one ``zero_grad``: gradients are injected there).
+    Reachable: models with :meth:`~sb3_blpo.BLPO.add_loss_term` (terms go into their losses), and PPO, A2C and
+    MaskablePPO (one ``policy.optimizer`` step per minibatch, preceded by one ``zero_grad``: gradients are injected
+    there).
     """
-    from stable_baselines3 import A2C, PPO
-
-    if not (isinstance(model, (PPO, A2C)) or takes_loss_terms(model)):
+    if not (isinstance(model, joint_loss_algorithms()) or takes_loss_terms(model)):
         raise TypeError(
-            f"{who} cannot reach the training loss of {type(model).__name__}: it supports PPO, A2C (and subclasses) "
-            "and algorithms with add_loss_term/remove_loss_term such as BLPO. Off-policy algorithms (SAC, TD3, DQN), "
-            "TRPO (whose actor step bypasses the optimizer), MaskablePPO and RecurrentPPO are not supported."
+            f"{who} cannot reach the training loss of {type(model).__name__}: it supports PPO, A2C, MaskablePPO (and "
+            "subclasses) and algorithms with add_loss_term/remove_loss_term such as BLPO. Not supported: off-policy "
+            "algorithms (SAC, TD3, DQN; no rollout), TRPO (its actor step is a line search that bypasses the optimizer) "
+            "and RecurrentPPO (its losses need LSTM states of whole sequences)."
         )
     try:
         return OnPolicyModelView(model)

@@ -86,7 +86,10 @@ class OnPolicyLosses:
 
     def actor_loss(self, batch: RolloutBatch) -> th.Tensor:
         """The actor's loss on ``batch`` (objective chosen at construction)."""
-        distribution = self.policy.get_distribution(batch.observations)
+        if batch.action_masks is None:
+            distribution = self.policy.get_distribution(batch.observations)
+        else:  # MaskablePPO: the distribution over the valid actions of each state, as its own loss uses
+            distribution = self.policy.get_distribution(batch.observations, action_masks=batch.action_masks.cpu().numpy())
         log_prob = distribution.log_prob(batch.actions)
         advantages = batch.advantages
         if getattr(self.model, "normalize_advantage", False):

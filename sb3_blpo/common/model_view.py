@@ -1,9 +1,10 @@
 """The package's view of an SB3 on-policy actor-critic algorithm: what the callbacks read and differentiate.
 
 Supported: algorithms built on :class:`~stable_baselines3.common.on_policy_algorithm.OnPolicyAlgorithm` whose policy is
-an :class:`~stable_baselines3.common.policies.ActorCriticPolicy` (PPO, A2C, sb3-contrib's TRPO, BLPO). Other policies are
-refused, among them sb3-contrib's recurrent policies (their losses need LSTM states that the rollout buffer does not
-hand back per sample) and MaskablePPO's policy (not an ``ActorCriticPolicy``).
+an :class:`~stable_baselines3.common.policies.ActorCriticPolicy` (PPO, A2C, sb3-contrib's TRPO, BLPO) or sb3-contrib's
+``MaskableActorCriticPolicy`` (MaskablePPO: the same modules; the losses apply the rollout's action masks). Refused:
+sb3-contrib's recurrent policies (RecurrentPPO), whose losses need the LSTM states of whole sequences, which a
+subsample of transitions does not carry.
 
 One object per concern, each usable on its own:
 
@@ -33,6 +34,14 @@ from sb3_blpo.common.parameters import PARAMETER_GROUPS, actor_critic_parameters
 from sb3_blpo.common.rollout import RolloutBatch, RolloutReader
 
 
+def _maskable_policy_types() -> tuple[type, ...]:
+    try:
+        from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+    except ImportError:
+        return ()
+    return (MaskableActorCriticPolicy,)
+
+
 def _recurrent_policy_types() -> tuple[type, ...]:
     try:
         from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
@@ -42,7 +51,8 @@ def _recurrent_policy_types() -> tuple[type, ...]:
 
 
 def check_actor_critic_policy(model: Any) -> ActorCriticPolicy:
-    """The policy of an on-policy algorithm with an SB3 ``ActorCriticPolicy``; a clear ``TypeError`` otherwise."""
+    """The policy of an on-policy algorithm with an SB3 ``ActorCriticPolicy`` (or sb3-contrib's maskable one); a clear
+    ``TypeError`` otherwise."""
     if not isinstance(model, OnPolicyAlgorithm):
         raise TypeError(
             f"{type(model).__name__} is not an SB3 on-policy algorithm; the monitors read the rollout buffer of "
@@ -51,8 +61,11 @@ def check_actor_critic_policy(model: Any) -> ActorCriticPolicy:
     policy = model.policy
     recurrent = _recurrent_policy_types()
     if recurrent and isinstance(policy, recurrent):
-        raise TypeError(f"recurrent policies ({type(policy).__name__}) are not supported by the monitors")
-    if not isinstance(policy, ActorCriticPolicy):
+        raise TypeError(
+            f"recurrent policies ({type(policy).__name__}) are not supported: their losses need the LSTM states of whole "
+            "sequences, which the monitors' subsamples of single transitions do not carry"
+        )
+    if not isinstance(policy, (ActorCriticPolicy, *_maskable_policy_types())):
         raise TypeError(
             f"the policy {type(policy).__name__} is not an ActorCriticPolicy; the monitors need its "
             "get_distribution/predict_values and actor/critic modules"

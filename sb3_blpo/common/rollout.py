@@ -26,6 +26,7 @@ class RolloutBatch:
     :param old_log_prob: log-probabilities recorded during collection.
     :param advantages: GAE advantages (not normalised).
     :param returns: value targets (advantages + values).
+    :param action_masks: the valid-action masks of sb3-contrib's ``MaskableRolloutBuffer`` (``None`` for other buffers).
     """
 
     observations: PyTorchObs
@@ -33,6 +34,7 @@ class RolloutBatch:
     old_log_prob: th.Tensor
     advantages: th.Tensor
     returns: th.Tensor
+    action_masks: th.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -102,6 +104,7 @@ class RolloutReader:
             old_log_prob=self.flat(buffer.log_probs, index),
             advantages=self.flat(buffer.advantages, index),
             returns=self.flat(buffer.returns, index),
+            action_masks=self.tensor(masks, index) if (masks := getattr(buffer, "action_masks", None)) is not None else None,
         )
 
     def sample(self, n_samples: int | None, generator: th.Generator, first_step: int = 0) -> RolloutBatch:
