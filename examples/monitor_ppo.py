@@ -22,6 +22,7 @@ import io
 import os
 
 import gymnasium as gym
+import torch as th
 from stable_baselines3 import PPO
 
 import sb3_blpo.envs  # noqa: F401 - registers the sb3_blpo/... env ids
@@ -47,17 +48,33 @@ def export_dashboard_png(run_dir: str, path: str) -> None:
     switches = [step for step, task in zip(*series("trainability/task"), strict=True) if task > 0]
     figure, axes = plt.subplots(2, 3, figsize=(15, 8))
     panels = [
-        ("Hessian λmax (log)", [f"hessian/{g}/lambda_max" for g in ("actor", "critic")], True),
+        ("Hessian λmax (log)", [f"hessian/{g}/lambda_max" for g in ("actor", "critic")], True, "λmax"),
         (
             "Hessian ε-rank, ε = 0.1 (band: guaranteed bracket)",
             [f"hessian/{g}/eps_rank_0.1" for g in ("actor", "critic")],
             False,
+            "fraction of eigenvalues with |λ| > ε",
         ),
-        ("Feature effective rank", [f"plasticity/{layer}/erank" for layer in ("pi0", "pi1", "vf0", "vf1")], False),
-        ("Dormant units (τ = 0.1)", [f"plasticity/{layer}/dormant" for layer in ("pi0", "pi1", "vf0", "vf1")], False),
-        ("Trainability: ε-rank / ε-rank at task 0", [f"trainability/{g}/ratio" for g in ("actor", "critic")], False),
+        (
+            "Feature effective rank",
+            [f"plasticity/{layer}/erank" for layer in ("pi0", "pi1", "vf0", "vf1")],
+            False,
+            "effective rank (units)",
+        ),
+        (
+            "Dormant units (τ = 0.1)",
+            [f"plasticity/{layer}/dormant" for layer in ("pi0", "pi1", "vf0", "vf1")],
+            False,
+            "fraction of units",
+        ),
+        (
+            "Trainability: ε-rank / ε-rank at task 0",
+            [f"trainability/{g}/ratio" for g in ("actor", "critic")],
+            False,
+            "ratio to task 0",
+        ),
     ]
-    for ax, (title, tags, log_scale) in zip(axes.flat, panels, strict=False):
+    for ax, (title, tags, log_scale, ylabel) in zip(axes.flat, panels, strict=False):
         for tag in tags:
             steps, values = series(tag)
             line = ax.plot(
@@ -75,6 +92,7 @@ def export_dashboard_png(run_dir: str, path: str) -> None:
             ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("environment steps")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     density_tags = [tag for tag in events.Tags()["images"] if tag.endswith("critic/density")]
     last_ax = axes.flat[-1]
@@ -100,6 +118,7 @@ def main() -> None:
     parser.add_argument("--export-png", default=None, help="also write a PNG of the dashboards to this path")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    th.set_num_threads(1)  # one thread: the same seed gives the same run (and the same figure)
 
     env = gym.make("sb3_blpo/PermutedCartPole-v0", steps_per_task=args.task_length, schedule_seed=args.seed)
     model = PPO("MlpPolicy", env, n_steps=1024, batch_size=64, seed=args.seed, tensorboard_log=args.logdir, verbose=1)

@@ -512,3 +512,29 @@ def test_tensorboard_gets_one_custom_scalars_layout_and_task_start_verdicts(tmp_
     verdicts = events.Tensors("trainability/verdict/text_summary")
     assert [event.step for event in verdicts] == [64]
     assert verdicts[0].tensor_proto.string_val[0].decode().startswith("task 0 at step 64: actor: ε-rank")
+
+
+def test_density_figure_is_titled_with_task_and_step_and_can_overlay_task_starts(tmp_path):
+    model = _make_model("PPO")
+    hessian = HessianSpectrumCallback(every_n_rollouts=1, overlay_task_starts=True, **FAST_SPECTRUM)
+    figures = []
+    original = hessian._density_figure
+
+    def keep(group, measurement):  # type: ignore[no-untyped-def]
+        figure = original(group, measurement)
+        figures.append((group, measurement, figure))
+        return figure
+
+    hessian._density_figure = keep  # type: ignore[method-assign]
+    model.set_logger(configure(str(tmp_path), ["tensorboard"]))
+    model.learn(64, callback=hessian)
+    hessian.notify_task_switch()
+    model.learn(128, callback=hessian, reset_num_timesteps=False)
+    critic = [(m, f) for g, m, f in figures if g == "critic"]
+    assert critic, "no density figure was made (is a TensorBoard writer configured?)"
+    for measurement, figure in critic:
+        title = figure.axes[0].get_title()
+        assert f"task {measurement.task_index}" in title and f"step {measurement.num_timesteps}" in title
+        assert tuple(figure.get_size_inches()) == (6.4, 4.0)
+    # The last figure draws the earlier task starts under its own curve.
+    assert len(critic[-1][1].axes[0].lines) == 1 + sum(1 for m, _ in critic[:-1] if m.task_start)

@@ -383,6 +383,8 @@ class HessianSpectrumCallback(_RolloutMonitor):
     :param epsilons: thresholds ``ε > 0`` of the ε-ranks.
     :param log_density_figure: log the broadened density as a figure (needs matplotlib).
     :param log_ritz_histogram: log the Ritz values as a histogram.
+    :param overlay_task_starts: draw the densities of every earlier task start (thin lines) under each density figure,
+        to see the spectrum move from task to task.
     :param actor_objective: ``"auto"`` or an explicit actor objective (see ``OnPolicyModelView``).
     :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling and the probes.
@@ -402,6 +404,7 @@ class HessianSpectrumCallback(_RolloutMonitor):
         epsilons: Sequence[float] = (1e-3, 1e-2, 1e-1),
         log_density_figure: bool = True,
         log_ritz_histogram: bool = True,
+        overlay_task_starts: bool = False,
         actor_objective: str = "auto",
         min_task_samples: int = 64,
         seed: int = 0,
@@ -413,6 +416,8 @@ class HessianSpectrumCallback(_RolloutMonitor):
         self.summary_key = f"hessian/{self.settings.parameter_groups[0]}/lambda_max"
         self.log_density_figure = bool(log_density_figure)
         self.log_ritz_histogram = bool(log_ritz_histogram)
+        self.overlay_task_starts = bool(overlay_task_starts)
+        self._task_start_densities: dict[str, list[tuple[str, Any, Any]]] = {}
         _check_keys([key for group in self.settings.parameter_groups for key in self._scalar_keys(group).values()])
         self.latest: dict[str, SpectrumMeasurement] = {}
         self._warned_no_matplotlib = False
@@ -496,19 +501,26 @@ class HessianSpectrumCallback(_RolloutMonitor):
         grid, density = broadened_density(measurement.quadrature, num_points=256)
         # An object-oriented Figure (no pyplot) keeps no global state and needs no GUI backend. log10 on a linear axis
         # renders about three times faster than a log-scale axis, and TensorBoard renders every logged figure.
-        figure = MatplotlibFigure(figsize=(4.5, 3.0), dpi=80)
+        figure = MatplotlibFigure(figsize=(6.4, 4.0), dpi=100)
         axes = figure.add_subplot()
         floor = max(float(density.max()) * 1e-6, 1e-30)
-        axes.plot(grid, np.log10(np.maximum(density, floor)), color="tab:blue", linewidth=1.0)
+        log_density = np.log10(np.maximum(density, floor))
+        when = f"task {measurement.task_index}{' start' if measurement.task_start else ''}, step {measurement.num_timesteps}"
+        if self.overlay_task_starts:
+            for index, (label, old_grid, old_density) in enumerate(self._task_start_densities.get(group, [])):
+                axes.plot(old_grid, old_density, color=f"C{1 + index % 9}", linewidth=0.8, alpha=0.6, label=label)
+        axes.plot(grid, log_density, color="C0", linewidth=1.4, label=when)
+        if self.overlay_task_starts and measurement.task_start:
+            self._task_start_densities.setdefault(group, []).append((when, grid, log_density))
+        if self.overlay_task_starts and len(axes.lines) > 1:
+            axes.legend(fontsize=7, loc="upper right")
         axes.set_xlabel("eigenvalue λ")
         axes.set_ylabel("log10 density")
         summary = measurement.summary
-        axes.set_title(
-            f"{group} Hessian, {measurement.n_samples} samples, λ∈[{summary.lambda_min:.3g}, {summary.lambda_max:.3g}]"
-        )
-        axes.title.set_fontsize(8)
+        span = f"λ ∈ [{summary.lambda_min:.3g}, {summary.lambda_max:.3g}]"
+        axes.set_title(f"{group} Hessian: {when}\n{measurement.n_samples} samples, {span}", fontsize=10)
         # Fixed margins: tight_layout() costs about as much as rendering the figure.
-        figure.subplots_adjust(left=0.16, right=0.97, bottom=0.16, top=0.9)
+        figure.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.87)
         return figure
 
 
