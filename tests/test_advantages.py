@@ -367,3 +367,22 @@ def test_blocked_scan_equals_dense_rows(n_steps: int, decay: float, future: bool
         (env_index,), weights.unsqueeze(1) * window.rows(decay, DTYPE, future=future), accumulate=True
     )
     th.testing.assert_close(gradient, expected_gradient, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("starts", ["none", "sparse"])
+@pytest.mark.parametrize("future", [True, False])
+def test_blocked_scan_float32_long_rollout(starts: str, future: bool) -> None:
+    """2048 steps in float32 (46 blocks): one episode over every block, or a few long ones crossing many blocks."""
+    generator = th.Generator().manual_seed(7)
+    episode_starts = th.zeros(2, 2048)
+    if starts == "sparse":
+        episode_starts[0, [300, 1500]] = 1.0
+        episode_starts[1, 1000] = 1.0
+    kernel = EpisodeKernel(episode_starts)
+    per_step = th.randn(2, 2048, generator=generator)
+    env_index, time_index = th.arange(2).repeat_interleave(2048), th.arange(2048).repeat(2)
+    window = kernel.window(env_index, time_index)
+    for decay in (0.94, 0.99, 1.0):
+        expected = (window.rows(decay, th.float64, future=future) * per_step.double()[env_index]).sum(dim=1)
+        computed = window.apply(decay, per_step, future=future).double()
+        assert float((computed - expected).abs().max() / expected.abs().max()) < 1e-5

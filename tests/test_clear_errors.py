@@ -88,6 +88,9 @@ def test_zoo_trial_id_that_does_not_exist(tmp_path: Path) -> None:
         zoo(*common, "--study-name", "s", "--trial-id", "5", cwd=tmp_path), "--trial-id 5", "has 2 trials (ids: 0 to 1)"
     )
     one_line_error(zoo(*common, "--study-name", "t", "--trial-id", "1", cwd=tmp_path), "--study-name 't'", "['s']")
+    one_line_error(
+        zoo(*common, "--study-name", "s", "--trial-id", "0", cwd=tmp_path), "--trial-id 0 would be silently ignored"
+    )
     assert storage.read_bytes() == before
 
 

@@ -42,7 +42,7 @@ CALLBACKS = {
     "TrainabilityCallback": lambda: TrainabilityCallback(**SPECTRUM),
     "PlasticityRegularizer": lambda: PlasticityRegularizer(erank_coef=1e-3, l2_coef=1e-3),
     "ShrinkAndPerturb": lambda: ShrinkAndPerturb(shrink=1e-4, noise_std=1e-4),
-    "ReDo": lambda: ReDo(),
+    "ReDo": lambda: ReDo(threshold=1.0),  # scores are normalised to mean 1: some unit is always reset
 }
 MONITORS = ("PlasticityMonitor", "HessianSpectrumCallback", "FeatureRankCallback", "TrainabilityCallback")
 TRAINING = ("PlasticityRegularizer", "ShrinkAndPerturb", "ReDo")
@@ -103,8 +103,19 @@ def test_can_i_use(algorithm: str, callback: str) -> None:
     model = make(algorithm)
     refusal = EXPECTED[algorithm][callback]
     if refusal is None:
-        model.learn(64, callback=CALLBACKS[callback]())
+        instance = CALLBACKS[callback]()
+        model.learn(64, callback=instance)
         assert model.num_timesteps >= 64
+        if callback in MONITORS:
+            monitors = (
+                [instance.hessian, instance.features, instance.trainability] if callback == "PlasticityMonitor" else [instance]
+            )
+            assert all(monitor.n_measurements > 0 for monitor in monitors)
+        else:  # it changed the training: the same seed without it ends elsewhere
+            plain = make(algorithm)
+            plain.learn(64)
+            after, without = model.policy.parameters_to_vector(), plain.policy.parameters_to_vector()
+            assert not np.allclose(after, without)
     else:
         with pytest.raises(TypeError, match=refusal.replace("(", r"\(")):
             model.learn(64, callback=CALLBACKS[callback]())
@@ -118,6 +129,7 @@ def test_maskable_ppo_losses_use_the_rollout_masks() -> None:
     """The view's actor loss on MaskablePPO is the masked one: the same as the policy's own evaluate_actions with the
     buffer's masks, and different without them."""
     model = make("MaskablePPO")
+    model.ent_coef = 0.01  # the masked entropy enters the loss too
     model.learn(32)
     view = OnPolicyModelView(model)
     batch = view.sample_batch(None, th.Generator().manual_seed(0))
@@ -129,3 +141,5 @@ def test_maskable_ppo_losses_use_the_rollout_masks() -> None:
     expected = -th.min(advantages * ratio, advantages * th.clamp(ratio, 1 - clip, 1 + clip)).mean()
     expected = expected - model.ent_coef * entropy.mean()
     th.testing.assert_close(view.losses.actor_loss(batch), expected)
+    unmasked = type(batch)(**{**batch.__dict__, "action_masks": None})
+    assert not th.allclose(view.losses.actor_loss(unmasked), expected)

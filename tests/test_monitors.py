@@ -481,14 +481,19 @@ def test_tensorboard_gets_one_custom_scalars_layout_and_task_start_verdicts(tmp_
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     model = _make_model("PPO")
-    model.set_logger(configure(str(tmp_path), ["tensorboard"]))
+    model.tensorboard_log = str(tmp_path)
     monitor = PlasticityMonitor(every_n_rollouts=1, hessian_kwargs=FAST_SPECTRUM, feature_kwargs=dict(n_samples=64))
-    model.learn(2 * 64, callback=monitor)
-    model.learn(64, callback=monitor, reset_num_timesteps=False)  # a second learn() writes no second layout
+    model.learn(2 * 64, callback=monitor, tb_log_name="run")
+    model.learn(64, callback=monitor, tb_log_name="run", reset_num_timesteps=False)  # same run: no second layout
+    model.learn(64, callback=monitor, tb_log_name="run")  # a new run folder (run_2) gets its own layout
 
-    files = glob.glob(os.path.join(str(tmp_path), "**", "events.out.tfevents.*"), recursive=True)
-    events = EventAccumulator(os.path.dirname(files[0]), size_guidance={"tensors": 0, "scalars": 0})
-    events.Reload()
+    def accumulator(run: str) -> EventAccumulator:
+        events = EventAccumulator(str(tmp_path / run), size_guidance={"tensors": 0, "scalars": 0})
+        events.Reload()
+        return events
+
+    assert len(accumulator("run_2").Tensors("custom_scalars__config__")) == 1
+    events = accumulator("run_1")
     configs = events.Tensors("custom_scalars__config__")
     assert len(configs) == 1
     layout = layout_pb2.Layout.FromString(configs[0].tensor_proto.string_val[0])

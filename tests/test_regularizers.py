@@ -547,3 +547,11 @@ def test_redo_in_training_with_blpo():
     assert fractions and all(0.0 <= f <= 1.0 for f in fractions)
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
     assert no_hooks_left(model)
+
+
+def test_former_parameters_keyword_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="param_selection"):
+        regularizer = PlasticityRegularizer(l2_coef=1e-3, parameters="weights")
+    assert regularizer.param_selection == "weights"
+    with pytest.warns(DeprecationWarning, match="param_selection"):
+        assert ShrinkAndPerturb(parameters="weights").param_selection == "weights"

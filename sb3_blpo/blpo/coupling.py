@@ -35,7 +35,6 @@ def coupled_targets_and_weights(
     ratios: th.Tensor,
     rollout_advantages: th.Tensor,
     window: KernelWindow,
-    *,
     gamma: float,
     mode: str = "target",
     ratio_clip: float = 0.2,
@@ -74,7 +73,8 @@ def weighted_squared_error(values: th.Tensor, targets: th.Tensor, weights: th.Te
 
 def coupled_critic_loss(values: th.Tensor, *coupling_args: Any, **coupling_kwargs: Any) -> th.Tensor:
     """``g̃(θ, w)`` on a minibatch: :func:`weighted_squared_error` of ``values`` ``(B,)`` (graph to ``w``) against the
-    shifted targets, with the state weights, of :func:`coupled_targets_and_weights` (the other arguments are its)."""
+    shifted targets, with the state weights, of :func:`coupled_targets_and_weights`; the other arguments are its, in
+    its order: ``coupled_critic_loss(values, targets, ratios, rollout_advantages, window, gamma, mode, ratio_clip)``."""
     return weighted_squared_error(values, *coupled_targets_and_weights(*coupling_args, **coupling_kwargs))
 
 

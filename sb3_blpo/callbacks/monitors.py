@@ -160,7 +160,7 @@ class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
         self._rollouts_in_learn = 0
         self._rollouts_since_measurement = 0
         self._written_now: dict[str, tuple[Any, tuple[str, ...]]] | None = None
-        self._layout_written = False
+        self._layout_runs: set[str] = set()
 
     # -- SB3 events ---------------------------------------------------------------------------------------------------
     def _init_callback(self) -> None:
@@ -174,8 +174,8 @@ class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
         self._log_interval = int(log_interval) if isinstance(log_interval, int | np.integer) and log_interval > 0 else None
         self._rollouts_in_learn = 0
         self.tasks.start_first_task()
-        if self.write_layout and not self._layout_written:
-            self._layout_written = write_layout(self.logger, self.layout())
+        if self.write_layout:
+            write_layout(self.logger, self.layout(), self._layout_runs)
 
     def layout(self) -> Layout:
         """This monitor's charts for TensorBoard's Custom Scalars tab (see :mod:`sb3_blpo.callbacks.tensorboard_layout`)."""
@@ -550,11 +550,11 @@ class FeatureRankCallback(_RolloutMonitor):
     :param approximate_rank_threshold: energy fraction of the approximate rank.
     :param dormant_tau: τ of the dormant-unit fraction.
     :param log_weights: also log weight norms and distances to the initial weights.
-    :param text_logs: ``"summary"`` (default): only ``plasticity/<first layer>/erank`` reaches SB3's text outputs,
-        every key TensorBoard; ``"all"``: every scalar reaches every output.
     :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling.
     :param verbose: verbosity level.
+    :param text_logs: ``"summary"`` (default): only ``plasticity/<first layer>/erank`` reaches SB3's text outputs,
+        every key TensorBoard; ``"all"``: every scalar reaches every output.
     """
 
     def __init__(
@@ -568,12 +568,12 @@ class FeatureRankCallback(_RolloutMonitor):
         approximate_rank_threshold: float = 0.99,
         dormant_tau: float = 0.1,
         log_weights: bool = True,
-        text_logs: str = "summary",
         min_task_samples: int = 64,
         seed: int = 0,
         verbose: int = 0,
+        text_logs: str = "summary",
     ) -> None:
-        super().__init__(every_n_rollouts, on_task_switch, n_samples, min_task_samples, seed, verbose, text_logs)
+        super().__init__(every_n_rollouts, on_task_switch, n_samples, min_task_samples, seed, verbose, text_logs=text_logs)
         if isinstance(layers, str):
             layers = (layers,)
         self.requested_layers = None if layers is None else tuple(layers)
@@ -950,13 +950,12 @@ class PlasticityMonitor(InstanceOnlyCallback, CallbackList):
         super().__init__([self.hessian, self.features, self.trainability])
         for monitor in (self.hessian, self.features, self.trainability):
             monitor.write_layout = False  # one layout with the three monitors' charts (see _on_training_start)
-        self._layout_written = False
+        self._layout_runs: set[str] = set()
 
     def _on_training_start(self) -> None:
         super()._on_training_start()
-        if not self._layout_written:
-            layout = merge_layouts(monitor.layout() for monitor in (self.hessian, self.features, self.trainability))
-            self._layout_written = write_layout(self.logger, layout)
+        layout = merge_layouts(monitor.layout() for monitor in (self.hessian, self.features, self.trainability))
+        write_layout(self.logger, layout, self._layout_runs)
 
     def update_child_locals(self, locals_: dict[str, Any]) -> None:
         # The children read the step's locals only for task-switch flags, which this callback checks for them; skip

@@ -73,13 +73,22 @@ def tensorboard_writers(logger: Any) -> list[Any]:
     return [output.writer for output in logger.output_formats if isinstance(output, TensorBoardOutputFormat)]
 
 
-def write_layout(logger: Any, layout: Mapping[str, Mapping[str, list[Any]]]) -> bool:
-    """Write the custom-scalars layout to every TensorBoard output; ``False`` if there is none."""
-    writers = tensorboard_writers(logger)
-    for writer in writers:
+def write_layout(logger: Any, layout: Mapping[str, Mapping[str, list[Any]]], written: set[str]) -> None:
+    """Write the custom-scalars layout once per run: to every TensorBoard output whose folder is not in ``written``
+    (SB3 opens a new run folder, ``PPO_2``, … at each ``learn()`` with ``reset_num_timesteps=True``), then record it.
+
+    :param logger: the algorithm's SB3 logger.
+    :param layout: the charts.
+    :param written: the run folders that already have the layout (updated in place).
+    """
+    if not layout:
+        return
+    for writer in tensorboard_writers(logger):
+        if writer.log_dir in written:
+            continue
         writer.add_custom_scalars({category: dict(charts) for category, charts in layout.items()})
         writer.flush()
-    return bool(writers)
+        written.add(writer.log_dir)
 
 
 def write_text(logger: Any, tag: str, text: str, step: int) -> None:

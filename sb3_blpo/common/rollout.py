@@ -65,10 +65,15 @@ class RolloutReader:
         return self.n_steps * self.n_envs
 
     def env_major(self, array: np.ndarray) -> np.ndarray:
-        """A buffer field as ``(n_envs · n_steps, ...)``, whether or not ``buffer.get()`` has flattened it already."""
-        if self.buffer.generator_ready:  # get() flattened it with swap_and_flatten: env-major already
-            return array
-        return array.swapaxes(0, 1).reshape(self.size, *array.shape[2:])
+        """A buffer field as ``(n_envs · n_steps, ...)``, whether or not ``buffer.get()`` has flattened it already.
+
+        Decided per field from its shape: ``get()`` flattens (env-major, ``swap_and_flatten``) observations, actions,
+        values, log-probabilities, advantages and returns, but not rewards or episode starts. With one env both
+        layouts hold the same order.
+        """
+        if array.shape[:2] == (self.n_steps, self.n_envs):
+            return array.swapaxes(0, 1).reshape(self.size, *array.shape[2:])
+        return array
 
     def tensor(self, array: np.ndarray, index: np.ndarray | None = None) -> th.Tensor:
         """A buffer field (env-major), all entries or the flat entries ``index``, as a tensor on the device."""

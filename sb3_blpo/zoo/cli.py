@@ -212,6 +212,12 @@ def _check_trial(options: argparse.Namespace) -> None:
         raise ZooInputError(
             f"--study-name {options.study_name!r} is not a study of --storage {options.storage!r}; its studies: {names}"
         )
+    if options.trial_id == 0:
+        # rl-zoo3 (2.9) loads a trial only `if self.trial_id`: trial 0 would be ignored without a word.
+        raise ZooInputError(
+            "--trial-id 0 would be silently ignored by rl-zoo3 (it loads a trial only for a non-zero id); copy trial "
+            "0's hyperparameters into a config (sb3-blpo-zoo ... --optimize prints them) or pass them with -params"
+        )
     count = len(optuna.load_study(study_name=options.study_name, storage=storage).trials)
     if not 0 <= options.trial_id < count:
         span = f"0 to {count - 1}" if count else "none"

@@ -109,7 +109,7 @@ def resolve_conf_file(value: str) -> str:
 
     try:
         found = importlib.util.find_spec(value) is not None
-    except (ImportError, ValueError):
+    except Exception:  # find_spec imports the parent package: any error in it means "not importable" here
         found = False
     if not found:
         raise ZooInputError(
