@@ -3,7 +3,7 @@
 Every run is a fresh subprocess (``torch.set_num_threads(1)``) that builds the model exactly as rl-zoo3 does
 (``sb3_blpo.zoo``'s experiment manager, no evaluation, no saving) and times ``learn()`` only. Rounds run the variants
 in turn (PPO, BLPO, nested-only, CG, PPO, BLPO, …), and each ratio divides a variant's time by PPO's time of the same
-round, so slow drifts of the machine cancel. Two comparisons per env:
+round, so slow drifts of the machine cancel. Three comparisons per env:
 
 - ``recommended``: each with its own config (PPO: rl-zoo3's ppo.yml, ``-v4`` entry for ``-v5``; BLPO:
   zoo_hyperparams/blpo.yml);

@@ -110,7 +110,8 @@ class EpisodeKernel:
 
 
 class KernelWindow:
-    """Rows of :class:`EpisodeKernel` for one minibatch: offsets and episode masks, computed once.
+    """The minibatch entries ``(env_index, time_index)`` seen through :class:`EpisodeKernel`: their sums by the rollout's
+    scan (:meth:`apply`) and, for tests and inspection, their dense weight rows (:meth:`rows`).
 
     :param kernel: the rollout's kernel.
     :param env_index: ``(B,)`` env of each minibatch entry.

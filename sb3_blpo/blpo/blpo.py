@@ -103,7 +103,7 @@ class BLPO(LossTermHost, TruncatedStepRecorder, OnPolicyAlgorithm):
     :param critic_learning_rate: The critic's learning rate, a constant or a schedule
     :param n_steps: The number of steps to run for each environment per update
     :param batch_size: Minibatch size (512, not PPO's 64: a BLPO minibatch costs several backward passes, so BLPO
-        is run with fewer, larger minibatches; see ``docs/blpo.md``)
+        is run with fewer, larger minibatches; a provisional default, see ``docs/blpo.md``)
     :param n_epochs: Number of epochs over the rollout per update
     :param n_critic_steps: Nested critic (follower) steps before each actor step, on the minibatch
     :param gamma: Discount factor

@@ -3,7 +3,7 @@
 ``loss`` is a local variable of the algorithm's ``train()``, so nothing can be added to it from outside; two adapters
 give the *same parameter update* as a loss term would:
 
-* :class:`GradientInjection` (PPO, A2C: one joint loss, one optimizer): ``policy.optimizer.zero_grad`` is wrapped.
+* :class:`GradientInjection` (PPO, A2C, MaskablePPO: one joint loss, one optimizer): ``policy.optimizer.zero_grad`` is wrapped.
   SB3 calls it once per minibatch, after the minibatch's forward pass and right before ``loss.backward()``; the wrapper
   zeroes the gradients and then *accumulates* the penalty's gradient into ``.grad``. SB3's ``backward()`` adds the loss
   gradient to it and ``clip_grad_norm_`` then clips the sum, exactly as if the terms were part of ``loss``. The

@@ -1,4 +1,4 @@
-"""Plasticity regularizers for stock PPO, A2C and BLPO, as SB3 callbacks (see ``docs/regularizers.md``).
+"""Plasticity regularizers for stock PPO, A2C, MaskablePPO and BLPO, as SB3 callbacks (see ``docs/regularizers.md``).
 
 * :class:`PlasticityRegularizer`: the paper's L2-ER (effective-rank term and L2) plus L2-Init, added to the training
   loss without subclassing the algorithm. The terms themselves are plain torch (:mod:`sb3_blpo.penalties`); how they

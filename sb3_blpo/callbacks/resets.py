@@ -1,4 +1,5 @@
-"""Parameter resets against loss of plasticity, as SB3 callbacks for PPO, A2C and BLPO (see ``docs/regularizers.md``).
+"""Parameter resets against loss of plasticity, as SB3 callbacks for PPO, A2C, MaskablePPO and BLPO
+(see ``docs/regularizers.md``).
 
 * :class:`ShrinkAndPerturb`: ``θ ← (1 − shrink) θ + noise_std · ε`` after optimizer steps.
 * :class:`ReDo`: re-initialise dormant hidden units (Sokar et al. 2023) every few rollouts.

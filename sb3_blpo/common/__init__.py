@@ -8,6 +8,7 @@
 * :mod:`~sb3_blpo.common.model_view`: :class:`~sb3_blpo.common.model_view.OnPolicyModelView`, the four together;
 * :mod:`~sb3_blpo.common.task_switch`: the task-switch protocol of continual wrappers and monitors (no SB3 import).
 
-Submodules are imported explicitly (nothing here is imported eagerly), so that an environment wrapper that needs the
-task-switch key does not load Stable-Baselines3's algorithms.
+Submodules are imported explicitly (nothing here is imported eagerly). ``task_switch`` itself imports nothing from
+Stable-Baselines3, so the environment wrappers depend on the protocol only (importing any ``sb3_blpo`` submodule still
+runs ``sb3_blpo/__init__``, which imports BLPO).
 """
