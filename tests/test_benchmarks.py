@@ -152,3 +152,24 @@ def test_bad_shard_is_refused_by_name(spec: str) -> None:
         [sys.executable, str(BENCHMARKS / "tuning" / "tune.py"), f"--shard={spec}"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "--shard must be I/N with integers 0 <= I < N" in result.stderr
+
+
+def test_suite_main_runs_exactly_its_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``suite.py --shard I/N`` (through main(), with the training replaced by a recorder) runs its slice only, and the
+    slices of all shards are the whole suite once."""
+    suite = _load(BENCHMARKS / "returns" / "suite.py")
+    ran: list[list[tuple[str, str, int]]] = []
+    monkeypatch.setattr(suite, "random_scores", lambda out, envs: {})
+    monkeypatch.setattr(
+        suite, "run", lambda env_id, variant, seed, steps, args: ran[-1].append((env_id, variant, seed)) or "ok"
+    )
+    common = ["suite.py", "--envs", "CartPole-v1", "Pendulum-v1", "--variants", "blpo", "ppo", "--seeds", "0", "1", "2"]
+    for index in range(3):
+        ran.append([])
+        monkeypatch.setattr(sys, "argv", [*common, "--out", str(tmp_path), "--shard", f"{index}/3"])
+        suite.main()
+    full = [
+        (env, variant, seed) for seed in (0, 1, 2) for env in ("CartPole-v1", "Pendulum-v1") for variant in ("blpo", "ppo")
+    ]
+    assert all(len(shard) == 4 for shard in ran)
+    assert sorted(run for shard in ran for run in shard) == sorted(full)
