@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.logger import Figure, TensorBoardOutputFormat
+from stable_baselines3.common.logger import Figure
 
 from sb3_blpo._validation import InvalidParameterError, check_float, check_int, check_one_of
 from sb3_blpo.callbacks.guard import InstanceOnlyCallback
@@ -48,6 +48,7 @@ from sb3_blpo.callbacks.tensorboard_layout import (
     feature_layout,
     hessian_layout,
     merge_layouts,
+    tensorboard_outputs,
     trainability_layout,
     write_layout,
     write_text,
@@ -246,9 +247,8 @@ class _RolloutMonitor(InstanceOnlyCallback, BaseCallback):
     def _write_tensorboard_now(self, records: dict[str, tuple[Any, tuple[str, ...]]]) -> None:
         values = {key: value for key, (value, _) in records.items()}
         excluded = {key: exclude for key, (_, exclude) in records.items()}
-        for writer in self.logger.output_formats:
-            if isinstance(writer, TensorBoardOutputFormat):
-                writer.write(values, excluded, step=int(self.num_timesteps))
+        for output in tensorboard_outputs(self.logger):
+            output.write(values, excluded, step=int(self.num_timesteps))
 
     @abstractmethod
     def _measure(self, first_step: int, task_start: bool) -> None:
@@ -481,7 +481,7 @@ class HessianSpectrumCallback(_RolloutMonitor):
             self._log(keys[f"eps_{eps!r}"], float(value))
             self._log(keys[f"eps_lo_{eps!r}"], float(lower))
             self._log(keys[f"eps_hi_{eps!r}"], float(upper))
-        if not any(isinstance(writer, TensorBoardOutputFormat) for writer in self.logger.output_formats):
+        if not tensorboard_outputs(self.logger):
             return  # histograms and figures go to TensorBoard only: do not build what no writer will render
         if self.log_ritz_histogram:
             self._log(keys["ritz"], measurement.quadrature.all_nodes().cpu().numpy(), NON_TENSORBOARD_FORMATS)

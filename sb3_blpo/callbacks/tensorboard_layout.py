@@ -68,9 +68,14 @@ def merge_layouts(layouts: Iterable[Layout]) -> Layout:
     return merged
 
 
+def tensorboard_outputs(logger: Any) -> list[TensorBoardOutputFormat]:
+    """The TensorBoard outputs of an SB3 logger (empty if it writes no TensorBoard)."""
+    return [output for output in logger.output_formats if isinstance(output, TensorBoardOutputFormat)]
+
+
 def tensorboard_writers(logger: Any) -> list[Any]:
     """The ``SummaryWriter`` of each TensorBoard output of an SB3 logger."""
-    return [output.writer for output in logger.output_formats if isinstance(output, TensorBoardOutputFormat)]
+    return [output.writer for output in tensorboard_outputs(logger)]
 
 
 def write_layout(logger: Any, layout: Mapping[str, Mapping[str, list[Any]]], written: set[str]) -> None:
