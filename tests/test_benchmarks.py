@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,12 +65,31 @@ def test_returns_report_aggregates_with_rliable(tmp_path: Path) -> None:
     assert len(read_csv(docs / "data" / "returns_evals.csv")) == 12
 
 
+def test_sample_reuse_study_reads_update_statistics_and_reports(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    script = str(BENCHMARKS / "returns" / "sample_reuse.py")
+    args = ["--envs", "Pendulum-v1", "--epochs", "1", "--seeds", "0", "--steps", "8192", "--evals", "1"]
+    args += ["--eval-episodes", "1", "--jobs", "2", "--out", str(tmp_path / "out")]
+    assert "3 runs to do" in run_script(script, *args)
+    for method in ("ppo", "blpo_nested", "blpo"):
+        stats = json.loads((tmp_path / "out" / "stats" / "Pendulum-v1" / f"reuse_{method}_e1_c0.2" / "seed0.json").read_text())
+        assert 0.0 < stats["approx_kl"] < 1.0 and 0.0 <= stats["clip_fraction"] <= 1.0  # read back from TensorBoard
+    assert not any((tmp_path / "out" / "logs").iterdir())  # the logs are deleted once read
+    # BLPO runs PPO's minibatches (64; BLPO's own default would be 512): the config written out says so.
+    assert "batch_size: 64" in (tmp_path / "out" / "ppo_zoo_shared_v5.yml").read_text().split("Pendulum-v1:")[1][:400]
+    assert "0 runs to do" in run_script(script, *args)
+    output = run_script(script, *args, "--report", "--docs", str(tmp_path / "docs"))
+    assert output.count("| Pendulum-v1 | 0.2 | ") == 3 and "| BLPO (same config) | 1 | 1 |" in output
+    assert len(read_csv(tmp_path / "docs" / "data" / "sample_reuse.csv")) == 3
+    assert (tmp_path / "docs" / "img" / "sample_reuse.png").stat().st_size > 0
+
+
 def test_continual_study_and_report(tmp_path: Path) -> None:
     study = str(BENCHMARKS / "continual" / "study.py")
     results = tmp_path / "results"
-    args = ["--variants", "ppo_l2_er", "reset", "--seeds", "0", "--tasks", "2", "--task-steps", "256"]
+    args = ["--variants", "ppo_l2_er", "reset", "ppo_head_reset", "--seeds", "0", "--tasks", "2", "--task-steps", "256"]
     run_script(study, *args, "--jobs", "2", "--out", str(results))
-    for variant in ("ppo_l2_er", "reset"):
+    for variant in ("ppo_l2_er", "reset", "ppo_head_reset"):
         run_dir = results / variant / "seed0"
         meta = json.loads((run_dir / "done.json").read_text())
         assert meta["total_timesteps"] == 2 * 256 * meta["n_envs"]
@@ -82,12 +103,38 @@ def test_continual_study_and_report(tmp_path: Path) -> None:
         assert [row["task"] for row in read_csv(run_dir / "rollouts.csv")] == ["0", "1"]
         assert {row["task"] for row in read_csv(run_dir / "episodes.csv")} == {"0", "1"}
     assert json.loads((results / "ppo_l2_er" / "seed0" / "done.json").read_text())["regularizer"]["erank_mode"] == "ascent"
+    assert json.loads((results / "ppo_head_reset" / "seed0" / "done.json").read_text())["head_reset"] is True
     assert "0 runs to do" in run_script(study, *args, "--out", str(results))
     docs = tmp_path / "docs"
-    output = run_script("report.py", "--results", str(results), "--docs", str(docs), cwd=BENCHMARKS / "continual")
+    report = ["report.py", "--results", str(results), "--docs", str(docs), "--prefix", "small"]
+    output = run_script(*report, cwd=BENCHMARKS / "continual")
     assert "| PPO+L2+ER | 1 |" in output and "| PPO, reset at each task | 1 |" in output
-    for name in ("continual_returns", "continual_curvature", "continual_features"):
+    assert "| PPO, policy head reset at each task | 1 |" in output
+    # One task-1 point per variant: three with the reset variant, two without it (too few: a dash).
+    assert re.search(r"\| ε-rank, ε = 0\.01 \| actor \| \d\.\d\d \([+−]\) \| – \| 3 \|", output)
+    for name in ("small_returns", "small_curvature", "small_features"):
         assert (docs / "img" / f"{name}.png").stat().st_size > 0
+    assert len(read_csv(docs / "data" / "small_returns.csv")) == 6
+
+
+def test_tensorboard_screenshot_from_a_headless_browser(tmp_path: Path) -> None:
+    script = str(BENCHMARKS / "screenshots" / "tensorboard_layout.py")
+    missing = subprocess.run(
+        [sys.executable, script, "--logdir", str(tmp_path), "--out", str(tmp_path / "x.png"), "--browser", "/no/browser"],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0 and "no browser at --browser '/no/browser'" in missing.stderr
+    if shutil.which("chromium") is None and shutil.which("google-chrome") is None:
+        pytest.skip("no Chromium on this machine: only the refusal is checked")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "run")) as writer:
+        for step in range(5):
+            writer.add_scalar("rollout/ep_rew_mean", float(step), step)
+    run_script(script, "--logdir", str(tmp_path), "--out", str(tmp_path / "shot.png"), "--tab", "scalars",
+               "--height", "600", "--render-ms", "5000")  # fmt: skip
+    assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_walltime_reports_ratios_and_update_shares(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from stable_baselines3 import A2C, PPO
 from sb3_blpo import BLPO
 from sb3_blpo.callbacks import (
     FeatureRankCallback,
+    HeadReset,
     HessianSpectrumCallback,
     PlasticityMonitor,
     PlasticityRegularizer,
@@ -43,6 +44,7 @@ CALLBACKS = {
     "PlasticityRegularizer": lambda: PlasticityRegularizer(erank_coef=1e-3, l2_coef=1e-3),
     "ShrinkAndPerturb": lambda: ShrinkAndPerturb(shrink=1e-4, noise_std=1e-4),
     "ReDo": lambda: ReDo(threshold=1.0),  # scores are normalised to mean 1: some unit is always reset
+    "HeadReset": lambda: HeadReset(heads="both", every_n_rollouts=1),  # resets at the second rollout's start
 }
 MONITORS = ("PlasticityMonitor", "HessianSpectrumCallback", "FeatureRankCallback", "TrainabilityCallback")
 TRAINING = ("PlasticityRegularizer", "ShrinkAndPerturb", "ReDo")
@@ -54,10 +56,11 @@ EXPECTED: dict[str, dict[str, str | None]] = {
     "A2C": dict.fromkeys(CALLBACKS),
     "BLPO": dict.fromkeys(CALLBACKS),
     "MaskablePPO": dict.fromkeys(CALLBACKS),
-    "TRPO": {**dict.fromkeys(MONITORS), **dict.fromkeys(TRAINING, LINE_SEARCH)},
+    "TRPO": {**dict.fromkeys(MONITORS), **dict.fromkeys(TRAINING, LINE_SEARCH), "HeadReset": None},
     "RecurrentPPO": {
         **dict.fromkeys(MONITORS, RECURRENT),
         **dict.fromkeys(TRAINING, "RecurrentPPO (its losses need LSTM states"),
+        "HeadReset": None,  # it only re-draws the heads' weights: no loss, no optimizer step involved
     },
 }
 

@@ -8,22 +8,30 @@ Writes, by default,
 * ``docs/data/continual_features.csv``: per variant, seed and task, the mean effective rank and dormant-unit fraction of
   each hidden layer over the task's rollouts;
 * ``docs/img/continual_returns.png``, ``docs/img/continual_curvature.png``, ``docs/img/continual_features.png``;
-* the summary table on stdout (markdown), which docs/plasticity.md quotes.
+* the summary table on stdout (markdown), which docs/plasticity.md quotes, and the R² of a task's return on its
+  task-start curvature measurements (ε-ranks at fixed ε, the trainability ε-rank relative to task 0, log λmax), across
+  tasks 1+ × variants × seeds, as in the supervised control.
+
+``--prefix`` replaces ``continual`` in the file names (``continual30`` for the 30-task study).
 
 Usage::
 
-    python benchmarks/continual/report.py [--results benchmarks/continual/results] [--docs docs]
+    python benchmarks/continual/report.py [--results benchmarks/continual/results] [--docs docs] [--prefix continual]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from study import DEFAULT_OUT, DONE_MARKER, LABELS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis import r_squared
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,6 +71,31 @@ def ci95(values: np.ndarray) -> float:
     return 1.96 * float(np.std(values, ddof=1)) / np.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
+def r_squared_table(returns: pd.DataFrame, starts: pd.DataFrame) -> str:
+    """Markdown: R² (and sign) of a task's late-half return on each task-start predictor of each parameter group, over
+    the points (variant, seed, task ≥ 1) pooled, and over the same points without the reset variant (whose task starts
+    are fresh networks). Task 0 is left out: its start is every variant's initialisation."""
+    points = starts[starts["task"] > 0].merge(returns, on=["variant", "seed", "task"])
+    predictors = {f"ε-rank, ε = {c[len('eps_rank_') :]}": c for c in starts.columns if c.startswith("eps_rank_")}
+    predictors["trainability ε-rank (ε relative to task 0)"] = "trainability_eps_rank"
+    predictors["trainability ratio (÷ task-0 ε-rank)"] = "trainability_ratio"
+    predictors["log λmax"] = "log_lambda_max"
+    points = points.assign(log_lambda_max=np.log(points["lambda_max"].clip(lower=1e-12)))
+    lines = [
+        "| predictor at task start | group | R² (sign), all variants | R² (sign), without reset | points |",
+        "|---|---|---|---|---|",
+    ]
+    for label, column in predictors.items():
+        for group in ("actor", "critic"):
+            rows = points[points["group"] == group]
+            cells = []
+            for subset in (rows, rows[rows["variant"] != "reset"]):
+                value, sign, _ = r_squared(subset[column], subset["late_half_return"])
+                cells.append("–" if np.isnan(value) else f"{value:.2f} ({'+' if sign > 0 else '−'})")
+            lines.append(f"| {label} | {group} | {cells[0]} | {cells[1]} | {len(rows)} |")
+    return "\n".join(lines)
+
+
 def plot(
     returns: pd.DataFrame,
     starts: pd.DataFrame,
@@ -70,6 +103,7 @@ def plot(
     entropy: pd.DataFrame,
     variants: list[str],
     docs: Path,
+    prefix: str = "continual",
 ) -> None:
     import matplotlib
 
@@ -96,7 +130,7 @@ def plot(
     ax_entropy.axhline(float(np.log(2)), color="grey", ls=":", lw=1)
     ax_entropy.set(xlabel="task", ylabel="policy entropy (nats; uniform: ln 2)", title="Policy entropy at task start")
     fig.tight_layout()
-    fig.savefig(docs / "img" / "continual_returns.png", dpi=120)
+    fig.savefig(docs / "img" / f"{prefix}_returns.png", dpi=120)
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
     for column, (group, metric, label) in enumerate(
@@ -109,7 +143,7 @@ def plot(
         axes[1, column].set(xlabel="task", ylabel="λmax", yscale="log")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(docs / "img" / "continual_curvature.png", dpi=120)
+    fig.savefig(docs / "img" / f"{prefix}_curvature.png", dpi=120)
 
     layers = sorted(features["layer"].unique())
     fig, axes = plt.subplots(2, len(layers), figsize=(3.2 * len(layers), 6), sharex=True)
@@ -121,7 +155,7 @@ def plot(
         axes[1, column].set(xlabel="task", ylabel="dormant fraction" if column == 0 else None)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(docs / "img" / "continual_features.png", dpi=120)
+    fig.savefig(docs / "img" / f"{prefix}_features.png", dpi=120)
 
 
 def task_start_entropy(rollouts: pd.DataFrame) -> pd.DataFrame:
@@ -173,6 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
+    parser.add_argument("--prefix", default="continual", help="file-name prefix of the CSVs and figures")
     args = parser.parse_args()
     episodes, starts, features, rollouts, metas = load_runs(args.results)
     task_length = metas[0]["task_steps_per_env"] * metas[0]["n_envs"]
@@ -181,14 +216,16 @@ def main() -> None:
     feature_means = features.groupby(["variant", "seed", "task", "layer"])[["erank", "srank", "dormant"]].mean().reset_index()
     (args.docs / "data").mkdir(parents=True, exist_ok=True)
     (args.docs / "img").mkdir(parents=True, exist_ok=True)
-    returns.round(3).to_csv(args.docs / "data" / "continual_returns.csv", index=False)
-    starts.round(6).to_csv(args.docs / "data" / "continual_task_starts.csv", index=False)
-    feature_means.round(4).to_csv(args.docs / "data" / "continual_features.csv", index=False)
+    returns.round(3).to_csv(args.docs / "data" / f"{args.prefix}_returns.csv", index=False)
+    starts.round(6).to_csv(args.docs / "data" / f"{args.prefix}_task_starts.csv", index=False)
+    feature_means.round(4).to_csv(args.docs / "data" / f"{args.prefix}_features.csv", index=False)
     entropy = task_start_entropy(rollouts)
-    entropy.round(4).to_csv(args.docs / "data" / "continual_task_start_entropy.csv", index=False)
-    plot(returns, starts, feature_means, entropy, variants, args.docs)
+    entropy.round(4).to_csv(args.docs / "data" / f"{args.prefix}_task_start_entropy.csv", index=False)
+    plot(returns, starts, feature_means, entropy, variants, args.docs, args.prefix)
     seconds = pd.DataFrame(metas).groupby("variant")["seconds"].median()
     print(summary_table(returns, starts, feature_means, entropy, variants))
+    print("\nR² of a task's return (late half) on its task-start measurement, tasks 1+ × variants × seeds\n")
+    print(r_squared_table(returns, starts))
     print("\nmedian seconds per run:", seconds.round(0).to_dict())
     print(f"protocol: {metas[0]['tasks']} tasks x {task_length} steps, env {metas[0]['env']}")
 

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis import r_squared
 from methods import LABELS
 from methods import METHODS as METHOD_ORDER
 
@@ -106,18 +108,6 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
         start = max(0, index + 1 - window)
         out[index] = (cumulative[index + 1] - cumulative[start]) / (index + 1 - start)
     return out
-
-
-def r_squared(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, int]:
-    """R² of the least-squares line of ``y`` on ``x`` (the squared Pearson correlation), the correlation's sign, and
-    the number of finite pairs."""
-    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    keep = np.isfinite(xs) & np.isfinite(ys)
-    xs, ys = xs[keep], ys[keep]
-    if xs.size < 3 or xs.std() == 0 or ys.std() == 0:
-        return math.nan, math.nan, int(xs.size)
-    correlation = float(np.corrcoef(xs, ys)[0, 1])
-    return correlation**2, math.copysign(1.0, correlation), int(xs.size)
 
 
 def measured_mask(runs: dict[int, list[dict[str, float]]]) -> np.ndarray:

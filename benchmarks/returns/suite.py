@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -179,11 +180,15 @@ def drop_in_config(out: Path) -> Path:
     """PPO's rl-zoo3 entries for BLPO: what a user who swaps ``PPO`` for ``BLPO`` and keeps the config gets. The only
     change is the removal of ``vf_coef`` (MuJoCo entries), which BLPO refuses by name (its critic has its own loss
     and optimizer); everything else, including ``learning_rate``, batch size, epochs and ``n_envs``, is PPO's."""
-    entries = yaml.safe_load(ppo_config(out).read_text())
+    return edited_config(ppo_config(out), out / "ppo_zoo_dropin_v5.yml", lambda entry: entry.pop("vf_coef", None))
+
+
+def edited_config(source: Path, target: Path, edit: Callable[[dict], object]) -> Path:
+    """The entries of the rl-zoo3 config ``source`` with ``edit`` applied to each env's entry, written to ``target``."""
+    entries = yaml.safe_load(source.read_text())
     for entry in entries.values():
         if isinstance(entry, dict):
-            entry.pop("vf_coef", None)
-    target = out / "ppo_zoo_dropin_v5.yml"
+            edit(entry)
     target.write_text(yaml.safe_dump(entries, sort_keys=True))
     return target
 
@@ -214,6 +219,8 @@ def train_command(env_id: str, variant: str, seed: int, steps: int, args: argpar
         command += ["--conf-file", str(drop_in_config(args.out))]
     elif config is not None:
         command += ["--conf-file", config]
+    if getattr(args, "tensorboard", False):  # the per-update statistics (approx_kl, clip_fraction) of sample_reuse.py
+        command += ["--tensorboard-log", str(log_dir / "tensorboard")]
     if overrides:
         command += ["-params", *overrides]
     return command
@@ -307,6 +314,20 @@ def run(env_id: str, variant: str, seed: int, steps: int, args: argparse.Namespa
     return f"ok ({seconds:.0f} s, last eval {rows[-1][1]:.1f})"
 
 
+def run_jobs(
+    jobs: list[tuple[str, str, int, int]],
+    args: argparse.Namespace,
+    runner: Callable[[str, str, int, int, argparse.Namespace], str] = run,
+) -> None:
+    """``runner`` on every ``(env, variant, seed, steps)`` of ``jobs``, ``args.jobs`` at a time; one line per run."""
+
+    def launch(job: tuple[str, str, int, int]) -> None:
+        env_id, variant, seed, steps = job
+        print(f"{env_id} {variant} seed {seed} ({steps} steps): {runner(env_id, variant, seed, steps, args)}", flush=True)
+
+    run_parallel(launch, jobs, args.jobs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -324,12 +345,7 @@ def main() -> None:
     jobs = [job for job in select_shard(run_list(args), args.shard) if not csv_path(args.out, *job[:3]).exists()]
     print(f"{len(jobs)} runs to do ({args.profile} profile)", flush=True)
     print("random-action scores:", random_scores(args.out, args.envs), flush=True)
-
-    def launch(job: tuple[str, str, int, int]) -> None:
-        env_id, variant, seed, steps = job
-        print(f"{env_id} {variant} seed {seed} ({steps} steps): {run(env_id, variant, seed, steps, args)}", flush=True)
-
-    run_parallel(launch, jobs, args.jobs)
+    run_jobs(jobs, args)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ from sb3_blpo.callbacks.monitors import (
     measure_loss_spectrum,
 )
 from sb3_blpo.callbacks.regularizers import PlasticityRegularizer
-from sb3_blpo.callbacks.resets import ReDo, ShrinkAndPerturb
+from sb3_blpo.callbacks.resets import HeadReset, ReDo, ShrinkAndPerturb
 from sb3_blpo.common.task_switch import TASK_SWITCH_INFO_KEY, TaskSwitchTracker, infos_signal_task_switch
 
 __all__ = [
     "TASK_SWITCH_INFO_KEY",
     "FeatureRankCallback",
+    "HeadReset",
     "HessianSpectrumCallback",
     "PlasticityMonitor",
     "PlasticityRegularizer",

@@ -3,6 +3,7 @@
 
 * :class:`ShrinkAndPerturb`: ``θ ← (1 − shrink) θ + noise_std · ε`` after optimizer steps.
 * :class:`ReDo`: re-initialise dormant hidden units (Sokar et al. 2023) every few rollouts.
+* :class:`HeadReset`: re-initialise the output heads (policy and/or value) at task switches or every few rollouts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sb3_blpo.callbacks.selection import (
     resolve_layers,
 )
 from sb3_blpo.common.parameters import select_parameters
+from sb3_blpo.common.task_switch import infos_signal_task_switch
 from sb3_blpo.metrics import unit_activity_scores
 
 
@@ -259,6 +261,105 @@ class ReDo(InstanceOnlyCallback, BaseCallback):
 
     def _on_step(self) -> bool:
         return True
+
+
+# ---------------------------------------------------------------------------------------------------------- HeadReset
+#: heads → the policy's modules re-initialised, with SB3's orthogonal-init gains (ActorCriticPolicy.module_gains).
+HEAD_MODULES = {"actor": ("action_net",), "critic": ("value_net",), "both": ("action_net", "value_net")}
+HEAD_GAINS = {"action_net": 0.01, "value_net": 1.0}
+
+
+class HeadReset(InstanceOnlyCallback, BaseCallback):
+    """Re-initialise the policy's output heads at every task switch, and optionally every few rollouts.
+
+    The "reset the last layer" baseline of continual and primacy-bias work (Nikishin et al. 2022 reset the last layers
+    periodically; in continual RL a head reset at each task switch gives the new task a policy that is not already
+    confident). The heads are SB3's ``action_net`` (the policy's output layer) and ``value_net`` (the critic's):
+    their weights are drawn again from the policy's initialisation (orthogonal with SB3's gains, 0.01 and 1, and zero
+    bias; PyTorch's default when ``ortho_init=False``), a Gaussian policy's ``log_std`` is set back to
+    ``log_std_init``, and the optimizers' per-element state of those parameters (Adam's moments) is zeroed.
+
+    When: at once when a task switch is signalled (an ``info[TASK_SWITCH_INFO_KEY]`` flag from a continual wrapper, or
+    :meth:`notify_task_switch`), so the rest of the rollout is collected, and its log-probabilities stored, by the
+    reset heads; and with ``every_n_rollouts=k`` also at the start of every ``k``-th rollout after the first. Put it
+    before monitors in the callback list to measure the reset network at task starts.
+
+    :param heads: ``"actor"`` (the default: the policy head and ``log_std``), ``"critic"`` or ``"both"``.
+    :param every_n_rollouts: also reset periodically, every this many rollouts (``None``: only at task switches).
+    :param seed: seed of the re-initialisation RNG (default: the model's seed, else random).
+    :param verbose: verbosity level (1 prints each reset).
+    """
+
+    def __init__(
+        self, heads: str = "actor", every_n_rollouts: int | None = None, seed: int | None = None, verbose: int = 0
+    ) -> None:
+        super().__init__(verbose)
+        if heads not in HEAD_MODULES:
+            raise InvalidParameterError(f"heads must be one of {sorted(HEAD_MODULES)}, got {heads!r}")
+        self.heads = heads
+        if every_n_rollouts is not None:
+            every_n_rollouts = check_int("every_n_rollouts", every_n_rollouts, minimum=1)
+        self.every_n_rollouts = every_n_rollouts
+        self.seed = None if seed is None else check_int("seed", seed, minimum=0)
+        self.n_resets = 0
+        self._rollouts = 0
+        self._generator: th.Generator | None = None
+
+    def _init_callback(self) -> None:
+        if not hasattr(self.model, "rollout_buffer"):
+            raise TypeError(f"HeadReset needs an on-policy algorithm, got {type(self.model).__name__} (no rollout)")
+        for name in HEAD_MODULES[self.heads]:
+            if not isinstance(getattr(self.model.policy, name, None), nn.Linear):
+                raise TypeError(
+                    f"HeadReset(heads={self.heads!r}) needs a policy whose {name} is an nn.Linear (SB3's "
+                    f"ActorCriticPolicy and its subclasses), got {type(self.model.policy).__name__}"
+                )
+        if self._generator is None:
+            self._generator = _seeded_generator(self.model, self.model.policy.device, self.seed)
+
+    def _on_rollout_start(self) -> None:
+        self._rollouts += 1
+        if self.every_n_rollouts is not None and self._rollouts > 1 and (self._rollouts - 1) % self.every_n_rollouts == 0:
+            self.reset_heads()
+
+    def _on_step(self) -> bool:
+        if infos_signal_task_switch(self.locals.get("infos")):
+            self.reset_heads()
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.logger.record("train/head_resets", self.n_resets)
+
+    def notify_task_switch(self) -> None:
+        """Signal that a new task starts now: the heads are reset at once."""
+        self.reset_heads()
+
+    def reset_heads(self) -> None:
+        """Re-initialise the chosen heads (and ``log_std`` with the actor's) and zero their optimizer state."""
+        policy, optimizers = self.model.policy, _policy_optimizers(self.model.policy)
+        reset: list[th.Tensor] = []
+        for name in HEAD_MODULES[self.heads]:
+            linear = getattr(policy, name)
+            fresh = th.empty_like(linear.weight)
+            with th.no_grad():
+                if getattr(policy, "ortho_init", False):
+                    nn.init.orthogonal_(fresh, gain=HEAD_GAINS[name], generator=self._generator)
+                    linear.weight.copy_(fresh)
+                    if linear.bias is not None:
+                        linear.bias.zero_()
+                else:
+                    linear.reset_parameters()
+            reset += [p for p in linear.parameters()]
+        log_std = getattr(policy, "log_std", None)
+        if self.heads != "critic" and isinstance(log_std, nn.Parameter):
+            with th.no_grad():
+                log_std.fill_(float(getattr(policy, "log_std_init", 0.0)))
+            reset.append(log_std)
+        for param in reset:
+            _zero_optimizer_state(optimizers, param, (...,))
+        self.n_resets += 1
+        if self.verbose >= 1:
+            print(f"HeadReset: reset {', '.join(HEAD_MODULES[self.heads])} (reset {self.n_resets})")
 
 
 def _zero_optimizer_state(optimizers: Sequence[th.optim.Optimizer], param: th.Tensor, index: tuple[Any, ...]) -> None:
