@@ -12,9 +12,15 @@ layers per branch); L2 (``l2_coef=1e-4``); L2-Init (``l2_init_coef=1e-4``); the 
 hidden layers (``erank_coef=1e-3``) and on the last layer of each branch (``layers=1``); the paper's ascent mode
 (``ascent_lr=1e-6``, one step per epoch on the whole rollout); and the paper's L2-ER (ascent mode + L2).
 
+``--in-process-rounds N`` instead times ``model.train()`` alone, in one process, on one collected 2048-step rollout:
+plain PPO and each configuration in rotation, ``N`` rounds, CPU time per update (320 minibatches). Load that drifts
+during the run affects every configuration alike, so this isolates the per-minibatch cost of the terms on a busy
+machine, where whole-run ratios scatter by tens of percent.
+
 Usage::
 
     python benchmarks/regularizer_overhead.py --steps 20000 --pairs 3 --out benchmarks/results/regularizer_overhead.json
+    python benchmarks/regularizer_overhead.py --in-process-rounds 8 --configs rank_loss rank_loss_last
 """
 
 from __future__ import annotations
@@ -62,6 +68,48 @@ def timed_run(env_id: str, steps: int, seed: int, config: dict | None) -> dict[s
     return {key: float(value) for key, value in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
+def in_process_train_times(env_id: str, rounds: int, names: list[str]) -> dict[str, dict[str, float | list[float]]]:
+    """CPU seconds of ``model.train()`` (one update on one fixed rollout) for plain PPO and each configuration, in
+    rotation within one process; the median and the extra milliseconds per minibatch over plain PPO."""
+    import time
+
+    import torch as th
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from sb3_blpo.callbacks import PlasticityRegularizer
+
+    th.set_num_threads(1)
+    model = PPO("MlpPolicy", make_vec_env(env_id, n_envs=1, seed=0), seed=0, device="cpu")
+    _, callback = model._setup_learn(model.n_steps, None)
+    callback.on_training_start(locals(), globals())
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
+    minibatches = model.n_epochs * (model.n_steps // model.batch_size)
+    members = ["plain", *names]
+    times: dict[str, list[float]] = {name: [] for name in members}
+    for index in range(rounds):
+        shift = index % len(members)
+        for name in members[shift:] + members[:shift]:
+            config = CONFIGS[name]
+            regularizer = None if config is None else PlasticityRegularizer(**config)
+            if regularizer is not None:
+                regularizer.init_callback(model)
+                regularizer.on_training_start(locals(), globals())
+            start = time.process_time()
+            model.train()
+            times[name].append(time.process_time() - start)
+            if regularizer is not None:
+                regularizer.on_training_end()
+    plain = statistics.median(times["plain"])
+    summary: dict[str, dict[str, float | list[float]]] = {}
+    for name in members:
+        median = statistics.median(times[name])
+        extra = 1000 * (median - plain) / minibatches
+        summary[name] = dict(median=median, ratio=median / plain, extra_ms_per_minibatch=extra, times=times[name])
+        print(f"{name:>15}: train() {median:.3f} s CPU, {median / plain:.2f}x, {extra:.2f} ms/minibatch")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="Hopper-v5")
@@ -74,8 +122,15 @@ def main() -> None:
         choices=[name for name in CONFIGS if name != "plain"],
     )
     parser.add_argument("--out", default=None, help="write the raw times and ratios to this JSON file")
+    parser.add_argument("--in-process-rounds", type=int, default=0, help="time train() alone, in one process (see above)")
     args = parser.parse_args()
     names = [name for name in args.configs if name != "plain"]
+    if args.in_process_rounds:
+        summary = in_process_train_times(args.env, args.in_process_rounds, names)
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump(dict(env=args.env, rounds=args.in_process_rounds, train_cpu_seconds=summary), handle, indent=2)
+        return
     times: dict[str, dict[str, list[dict[str, float]]]] = {name: {"plain": [], name: []} for name in names}
     for pair_index in range(args.pairs):
         for config_index, name in enumerate(names):

@@ -5,7 +5,9 @@
   ``l2_coef·θ + l2_init_coef·(θ − θ₀)`` (to add to ``.grad`` without a graph) live side by side.
 * :func:`effective_rank_objective`: the paper's RL rank objective ``R = Σ_group mean_{l ∈ group} erank(Φ_l)`` over
   groups of feature matrices (actor layers and critic layers in RL; one group for a single network). The penalty is
-  ``−erank_coef · R`` (a loss to minimise raises the rank).
+  ``−erank_coef · R`` (a loss to minimise raises the rank). :func:`effective_rank_gradients` gives the same ``R`` with
+  its gradient with respect to each feature matrix in closed form, without an autograd graph (for delivery by
+  gradient hooks).
 * :func:`gradient_ascent_step`: the paper's separate rank-ascent step ``θ ← θ + lr · ∇θ R`` (no optimizer).
 
 Used by :class:`~sb3_blpo.callbacks.PlasticityRegularizer` for PPO, A2C and BLPO, and by the supervised continual
@@ -90,21 +92,73 @@ def effective_rank_objective(
     :param center: subtract the per-unit batch mean first.
     :return: ``R`` (differentiable) and ``{layer name: erank}`` (floats).
     """
-    flat = {name: layer for group in features.values() for name, layer in group.items()}
-    by_shape: dict[tuple[int, ...], list[str]] = defaultdict(list)
-    for name, layer in flat.items():
-        by_shape[tuple(layer.shape)].append(name)
     ranks: dict[str, th.Tensor] = {}
-    for names in by_shape.values():
-        stacked = th.stack([flat[name] for name in names])
-        if center:
-            stacked = stacked - stacked.mean(dim=1, keepdim=True)
+    for names, stacked in _stacked_by_shape(features, center):
         ranks.update(zip(names, effective_rank_from_singular_values(th.linalg.svdvals(stacked)), strict=True))
     objective = next(iter(ranks.values())).new_zeros(()) if ranks else th.zeros(())
     for group in features.values():
         if group:
             objective = objective + th.stack([ranks[name] for name in group]).mean()
     return objective, {name: float(rank.detach()) for name, rank in ranks.items()}
+
+
+def _stacked_by_shape(features: Mapping[str, Mapping[str, th.Tensor]], center: bool) -> list[tuple[list[str], th.Tensor]]:
+    """The layers grouped by shape, with their stacked ``(k, B, d)`` (centred) features."""
+    flat = {name: layer for group in features.values() for name, layer in group.items()}
+    by_shape: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for name, layer in flat.items():
+        by_shape[tuple(layer.shape)].append(name)
+    stacks = []
+    for names in by_shape.values():
+        stacked = th.stack([flat[name] for name in names])
+        if center:
+            stacked = stacked - stacked.mean(dim=1, keepdim=True)
+        stacks.append((names, stacked))
+    return stacks
+
+
+def effective_rank_gradients(
+    features: Mapping[str, Mapping[str, th.Tensor]], center: bool = False, eps: float = 1e-12
+) -> tuple[float, dict[str, float], dict[str, th.Tensor]]:
+    """:func:`effective_rank_objective` with the gradient ``∂R/∂Φ_l`` of every layer in closed form (no graph).
+
+    For singular values ``σ`` of ``Φ = U diag(σ) Vᵀ`` (thin SVD), the gradient of a function of the singular values is
+    ``U diag(∂R/∂σ) Vᵀ``; that is exactly what autograd computes for ``svdvals`` (its backward runs the same LAPACK SVD
+    with vectors and forms the same product). ``∂erank/∂σ`` is written out: with ``S = Σσ + ε``, ``p = σ/S``,
+    ``h_i = −log(p_i + ε) − p_i/(p_i + ε)``, ``∂erank/∂σ_i = erank · (h_i − Σ_j h_j p_j) / S``. Centring multiplies the
+    gradient by the centring projection (the per-unit batch mean of the gradient is subtracted). Layers of equal shape
+    share one batched SVD, run under ``no_grad``: the inputs may carry a graph, the outputs never do.
+
+    Where features are rank-deficient the singular vectors of the null space are not unique; the gradient is then the
+    one valid choice that LAPACK returns, as for autograd through ``svdvals``.
+
+    :param features: ``{group: {layer name: (B, d) features}}`` as for :func:`effective_rank_objective`.
+    :param center: subtract the per-unit batch mean first.
+    :param eps: the ``ε`` of :func:`~sb3_blpo.metrics.effective_rank_from_singular_values`.
+    :return: ``R`` (a float), ``{layer name: erank}`` (floats) and ``{layer name: ∂R/∂Φ_l}`` (``(B, d)`` tensors).
+    """
+    with th.no_grad():
+        weights = {name: 1.0 / len(group) for group in features.values() for name in group}
+        ranks: dict[str, float] = {}
+        gradients: dict[str, th.Tensor] = {}
+        for names, stacked in _stacked_by_shape(features, center):
+            u, values, vh = th.linalg.svd(stacked, full_matrices=False)
+            scale = values.sum(dim=-1, keepdim=True) + eps
+            p = values / scale
+            log_p = th.log(p + eps)
+            erank = th.exp(-(p * log_p).sum(dim=-1, keepdim=True))
+            h = -log_p - p / (p + eps)
+            d_values = erank * (h - (h * p).sum(dim=-1, keepdim=True)) / scale
+            d_values = d_values * d_values.new_tensor([weights[name] for name in names]).unsqueeze(-1)
+            # The product in the order autograd's SVD backward forms it (scale the thinner factor).
+            tall = u.shape[-2] >= vh.shape[-1]
+            gradient = u @ (d_values.unsqueeze(-1) * vh) if tall else (u * d_values.unsqueeze(-2)) @ vh
+            if center:
+                gradient = gradient - gradient.mean(dim=1, keepdim=True)
+            ranks.update(zip(names, erank.squeeze(-1).tolist(), strict=True))
+            gradients.update(zip(names, gradient.unbind(0), strict=True))
+    objective = sum((sum(ranks[name] for name in group) / len(group) for group in features.values() if group), 0.0)
+    return float(objective), ranks, gradients
 
 
 def gradient_ascent_step(objective: Callable[[], th.Tensor], params: Sequence[th.Tensor], step_size: float) -> float:

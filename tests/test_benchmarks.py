@@ -145,6 +145,7 @@ def test_walltime_reports_ratios_and_update_shares(tmp_path: Path) -> None:
     assert result["overrides"]["blpo"]["n_epochs"] == 20  # PPO's zoo entry, applied to BLPO
     blpo = result["variants"]["blpo"]
     assert blpo["median_ratio"] > 0 and result["variants"]["ppo"]["median_ratio"] == 1.0
+    assert blpo["median_cpu_ratio"] > 0 and result["variants"]["ppo"]["median_cpu_ratio"] == 1.0
     shares = blpo["share_of_update"]
     assert 0 < shares["seconds_ihvp"] < shares["seconds_hypergradient"] < 1
     assert 0 < shares["seconds_nested_critic"] + shares["seconds_hypergradient"] < 1

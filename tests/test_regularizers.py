@@ -7,7 +7,9 @@ Every run is tiny (16-unit networks, at most a few hundred env steps).
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +24,11 @@ from stable_baselines3.common.logger import KVWriter, Logger
 from torch import nn
 
 from sb3_blpo import BLPO
-from sb3_blpo.callbacks import PlasticityRegularizer, ReDo, ShrinkAndPerturb
-from sb3_blpo.callbacks.penalty_delivery import PenaltyTerms
+from sb3_blpo.callbacks import HessianSpectrumCallback, PlasticityRegularizer, ReDo, ShrinkAndPerturb
+from sb3_blpo.callbacks.penalty_delivery import GradientInjection, PenaltyTerms
 from sb3_blpo.callbacks.regularizers import L2_INIT_ATTRIBUTE
+from sb3_blpo.common.features import hidden_layers_of
+from sb3_blpo.penalties import ParameterPenalty, effective_rank_gradients, effective_rank_objective
 
 NET = dict(net_arch=[16, 16])
 EPS = 1e-12
@@ -200,6 +204,140 @@ def test_loss_mode_update_equals_terms_added_by_hand(algo, env_id, kwargs):
     assert relative_difference(after, [p.detach() for p in policy.parameters()]) <= 1e-6
 
 
+def _test_features(generator: th.Generator) -> dict[str, dict[str, th.Tensor]]:
+    """Feature matrices of every kind the rank term meets: full rank, rank-deficient, dead units, wide and tall."""
+
+    def low_rank(rows: int, columns: int, rank: int) -> th.Tensor:
+        return th.randn(rows, rank, generator=generator) @ th.randn(rank, columns, generator=generator)
+
+    dead = th.randn(64, 64, generator=generator).tanh()
+    dead[:, :20] = 0.0  # dead units: zero columns
+    return {
+        "actor": {
+            "pi0": th.randn(64, 64, generator=generator).tanh(),  # square, full rank
+            "pi1": low_rank(64, 64, 5),  # square, rank 5
+            "pi2": dead,
+        },
+        "critic": {
+            "vf0": low_rank(64, 64, 2).tanh(),  # nearly rank-deficient after the activation
+            "vf1": th.randn(64, 16, generator=generator),  # tall
+            "vf2": low_rank(16, 48, 3),  # wide and rank-deficient
+        },
+    }
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_closed_form_rank_gradients_equal_autograd_through_svdvals(center):
+    """``effective_rank_gradients`` (no graph) == autograd through ``effective_rank_objective``, value and gradient."""
+    features = _test_features(th.Generator().manual_seed(7))
+    leaves = {
+        group: {name: x.clone().requires_grad_(True) for name, x in layers.items()} for group, layers in features.items()
+    }
+    objective, ranks = effective_rank_objective(leaves, center=center)
+    names = [name for layers in leaves.values() for name in layers]
+    expected = th.autograd.grad(objective, [leaves[g][n] for g in leaves for n in leaves[g]])
+    value, closed_ranks, gradients = effective_rank_gradients(features, center=center)
+    assert value == pytest.approx(float(objective.detach()), rel=1e-6)
+    assert closed_ranks == pytest.approx(ranks, rel=1e-6)
+    for name, gradient in zip(names, expected, strict=True):
+        assert not gradients[name].requires_grad
+        assert relative_difference([gradients[name]], [gradient]) <= 1e-5, name
+
+
+def _injection_setup() -> tuple[Any, GradientInjection, float, th.Tensor, th.Tensor]:
+    model = PPO("MlpPolicy", "Pendulum-v1", seed=0, policy_kwargs=NET, n_steps=64)
+    policy = model.policy
+    layers = {
+        **hidden_layers_of(policy.mlp_extractor.policy_net, "pi"),
+        **hidden_layers_of(policy.mlp_extractor.value_net, "vf"),
+    }
+    beta = 0.5
+    terms = PenaltyTerms(beta, list(layers), False, ParameterPenalty(), {"joint": list(policy.parameters())}, None)
+    generator = th.Generator().manual_seed(3)
+    observations, actions = th.randn(32, 3, generator=generator), th.randn(32, 1, generator=generator)
+    return policy, GradientInjection(policy, terms, layers), beta, observations, actions
+
+
+def test_injected_rank_gradient_rides_on_the_one_backward_and_only_after_zero_grad():
+    policy, injection, beta, observations, actions = _injection_setup()
+    policy.set_training_mode(True)
+
+    def task_loss() -> th.Tensor:
+        values, log_prob, entropy = policy.evaluate_actions(observations, actions)
+        return values.square().mean() - log_prob.mean() - 0.01 * entropy.mean()
+
+    def gradients_of(loss: th.Tensor) -> list[th.Tensor]:
+        policy.zero_grad(set_to_none=True)  # the module's zero_grad, not the (wrapped) optimizer's
+        loss.backward()
+        return [p.grad.detach().clone() for p in policy.parameters()]
+
+    plain = gradients_of(task_loss())
+    by_hand = gradients_of(task_loss() - beta * hand_rank_objective(hand_features(policy, observations)))
+    injection.install()
+    try:
+        # A backward pass through captured features that never reached optimizer.zero_grad gets nothing added.
+        assert relative_difference(gradients_of(task_loss()), plain) == 0.0
+        # SB3's order: forward, optimizer.zero_grad(), loss.backward() -> the rank gradient arrives in that backward.
+        kept: list[weakref.ref] = []
+        probe = policy.mlp_extractor.policy_net[-1].register_forward_hook(lambda *args: kept.append(weakref.ref(args[2])))
+        loss = task_loss()
+        probe.remove()
+        policy.optimizer.zero_grad()
+        assert not injection._captured  # handed over to the gradient hooks at zero_grad
+        loss.backward()
+        injected = [p.grad.detach().clone() for p in policy.parameters()]
+        assert relative_difference(injected, by_hand) <= 1e-6
+        assert relative_difference(injected, plain) > 1e-2  # not vacuous
+        # The gradient hooks live on the captured outputs: once the graph is gone, so are they.
+        del loss
+        gc.collect()
+        assert kept and kept[0]() is None
+        # Collection (no_grad) and eval-mode passes with autograd (monitors) are not captured.
+        with th.no_grad():
+            policy.evaluate_actions(observations, actions)
+        policy.set_training_mode(False)
+        task_loss()
+        assert not injection._captured
+    finally:
+        injection.remove()
+    policy.set_training_mode(True)
+    assert all(not m._forward_hooks for m in policy.modules()) and "zero_grad" not in vars(policy.optimizer)
+    task_loss()
+    assert not injection._captured
+
+
+def test_monitor_hessian_is_unaffected_by_a_regularizer():
+    """The rank term's hooks change nothing a monitor measures, even in a training-mode pass (no pending gradient)."""
+    model = PPO("MlpPolicy", "Pendulum-v1", seed=0, policy_kwargs=NET, n_steps=64, batch_size=32, n_epochs=2)
+    regularizer = PlasticityRegularizer(erank_coef=0.5, l2_coef=0.1)
+    hessian = HessianSpectrumCallback(
+        every_n_rollouts=1, log_density_figure=False, lanczos_steps=8, num_probes=2, n_samples=64
+    )
+    results: dict[str, Any] = {}
+
+    def summaries() -> dict[str, tuple[float, ...]]:
+        return {
+            group: (m.summary.lambda_max, m.summary.lambda_min, m.summary.trace.estimate, *m.summary.epsilon_ranks)
+            for group, m in hessian.measure().items()
+        }
+
+    def check(m: Any) -> None:
+        if m.num_timesteps < 128:
+            return  # the second rollout: one train() with the rank term has run
+        hessian.init_callback(m)
+        assert regularizer.installed
+        results["with hooks"] = summaries()
+        m.policy.set_training_mode(True)
+        results["training mode, with hooks"] = summaries()
+        m.policy.set_training_mode(False)
+        regularizer.remove()
+        results["without hooks"] = summaries()
+
+    model.learn(128, callback=[regularizer, Probe(rollout_end=check)])
+    assert results["with hooks"] == results["without hooks"]
+    assert results["training mode, with hooks"] == results["without hooks"]
+
+
 class HandBLPO(BLPO):
     """BLPO whose losses get the terms written by hand (actor side to the leader, critic side to the critic steps)."""
 
@@ -331,13 +469,13 @@ def test_only_training_forward_passes_are_regularised_and_second_learn_works(mon
     model = PPO("MlpPolicy", "CartPole-v1", seed=0, policy_kwargs=NET, n_steps=64, batch_size=32, n_epochs=2)
     regularizer = PlasticityRegularizer(erank_coef=0.1)
     calls = []
-    objective = PenaltyTerms.rank_objective
+    gradients = PenaltyTerms.rank_term_gradients
 
-    def counted(terms: PenaltyTerms, features: dict[str, th.Tensor]) -> th.Tensor:
+    def counted(terms: PenaltyTerms, level: str, features: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
         calls.append(next(iter(features.values())).shape[0])
-        return objective(terms, features)
+        return gradients(terms, level, features)
 
-    monkeypatch.setattr(PenaltyTerms, "rank_objective", counted)
+    monkeypatch.setattr(PenaltyTerms, "rank_term_gradients", counted)
 
     def during_rollout(m: Any) -> None:
         assert regularizer.installed

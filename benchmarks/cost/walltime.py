@@ -63,9 +63,10 @@ def timed_train():
         if key.startswith("train/seconds_"):
             totals[key[len("train/"):]] = totals.get(key[len("train/"):], 0.0) + value
 model.train = timed_train
-started = time.perf_counter()
+started, cpu_started = time.perf_counter(), time.process_time()
 model.learn(int(steps))
 totals["learn"] = time.perf_counter() - started
+totals["learn_cpu"] = time.process_time() - cpu_started
 print(json.dumps(totals))
 """
 
@@ -125,18 +126,24 @@ def main() -> None:
                     for variant in variants:
                         runs[variant].append(timed_run(variant, env_id, args.steps, round_index, comparison, work))
                     line = "  ".join(
-                        f"{v} {runs[v][-1]['learn']:.1f}s ({runs[v][-1]['learn'] / runs['ppo'][-1]['learn']:.2f}x)"
+                        f"{v} {runs[v][-1]['learn']:.1f}s ({runs[v][-1]['learn'] / runs['ppo'][-1]['learn']:.2f}x, "
+                        f"CPU {runs[v][-1]['learn_cpu'] / runs['ppo'][-1]['learn_cpu']:.2f}x)"
                         for v in variants
                     )
                     print(f"{env_id} {comparison} round {round_index}: {line}", flush=True)
                 summary = {}
                 for variant in variants:
                     ratios = [run["learn"] / ppo["learn"] for run, ppo in zip(runs[variant], runs["ppo"], strict=True)]
+                    pairs = zip(runs[variant], runs["ppo"], strict=True)
+                    cpu_ratios = [run["learn_cpu"] / ppo["learn_cpu"] for run, ppo in pairs]
                     entry = {
                         "learn_seconds": [run["learn"] for run in runs[variant]],
                         "seconds_per_10k_steps": statistics.median(run["learn"] for run in runs[variant]) * 1e4 / args.steps,
                         "ratio_to_ppo": ratios,
                         "median_ratio": statistics.median(ratios),
+                        # CPU time of the one-thread process: what other processes on a loaded machine disturb least.
+                        "cpu_ratio_to_ppo": cpu_ratios,
+                        "median_cpu_ratio": statistics.median(cpu_ratios),
                         "update_share_of_learn": statistics.median(run["update"] / run["learn"] for run in runs[variant]),
                     }
                     if variant != "ppo":
@@ -151,7 +158,9 @@ def main() -> None:
                 }
                 print(
                     f"{env_id} {comparison}: median ratio to PPO "
-                    + ", ".join(f"{v} {summary[v]['median_ratio']:.2f}" for v in variants),
+                    + ", ".join(
+                        f"{v} {summary[v]['median_ratio']:.2f} (CPU {summary[v]['median_cpu_ratio']:.2f})" for v in variants
+                    ),
                     flush=True,
                 )
     if args.out:

@@ -317,9 +317,11 @@ def run(env_id: str, variant: str, seed: int, steps: int, args: argparse.Namespa
 def run_jobs(
     jobs: list[tuple[str, str, int, int]],
     args: argparse.Namespace,
-    runner: Callable[[str, str, int, int, argparse.Namespace], str] = run,
+    runner: Callable[[str, str, int, int, argparse.Namespace], str] | None = None,
 ) -> None:
-    """``runner`` on every ``(env, variant, seed, steps)`` of ``jobs``, ``args.jobs`` at a time; one line per run."""
+    """``runner`` (default :func:`run`, looked up at call time) on every ``(env, variant, seed, steps)`` of ``jobs``,
+    ``args.jobs`` at a time; one line per run."""
+    runner = runner or run
 
     def launch(job: tuple[str, str, int, int]) -> None:
         env_id, variant, seed, steps = job

@@ -458,9 +458,16 @@ class BLPO(LossTermHost, TruncatedStepRecorder, OnPolicyAlgorithm):
             return direct, dict(hypergrad_norm=float(direct.norm()))
         assert ratios is not None, "the ratios are computed whenever a solver is set"
         timer = PhaseTimer()
-        mixed_loss, curvature = follower.implicit_terms(rollout, batch, ratios)
+        mixed_loss, curvature, mixed = follower.implicit_terms(rollout, batch, ratios)
         hypergradient = implicit_hypergradient(
-            actor_loss, mixed_loss, actor_params, self._critic_params, self._solver, curvature=curvature, on_phase=timer.lap
+            actor_loss,
+            mixed_loss,
+            actor_params,
+            self._critic_params,
+            self._solver,
+            curvature=curvature,
+            on_phase=timer.lap,
+            mixed=mixed,
         )
         direct, correction = hypergradient.direct, hypergradient.correction
         stats = dict(

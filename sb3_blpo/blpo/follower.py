@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch as th
@@ -20,7 +21,19 @@ from torch import nn
 from sb3_blpo.blpo.coupling import AUTHORS_F2, coupled_targets_and_weights, prefix_mean_f2, weighted_squared_error
 from sb3_blpo.blpo.rollout import BilevelRollout, Minibatch
 from sb3_blpo.common.surrogate import clipped_surrogate
-from sb3_blpo.hypergrad import CurvatureOperator, GaussNewtonProduct, HessianVectorProduct
+from sb3_blpo.hypergrad import (
+    MAX_JACOBIAN_ENTRIES,
+    CurvatureOperator,
+    GaussNewtonProduct,
+    HessianVectorProduct,
+    JacobianGaussNewtonProduct,
+    LinearLayerRecorder,
+    OutputMixedProduct,
+)
+from sb3_blpo.hypergrad.hvp import Params
+
+#: ``(θ, x) ↦ ∂²g̃/∂θ∂w · x`` (see :class:`~sb3_blpo.hypergrad.jacobian.OutputMixedProduct`).
+MixedProduct = Callable[[Params, th.Tensor], th.Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,9 @@ class Follower:
     :param max_grad_norm: gradient clipping of each nested step.
     :param extra_loss: ``extra_loss("critic", observations)``, terms added to each nested step's loss.
     :param on_nonfinite: called with a description when a nested step's gradient is not finite (the step is skipped).
+    :param max_jacobian_entries: the Gauss–Newton products go through an explicit per-sample Jacobian of the critic
+        (:class:`~sb3_blpo.hypergrad.jacobian.JacobianGaussNewtonProduct`: the same numbers, fewer backward passes)
+        when ``batch × critic parameters`` is at most this and the critic is an MLP; ``0``: never.
     """
 
     policy: Any
@@ -51,18 +67,25 @@ class Follower:
     max_grad_norm: float
     extra_loss: Callable[[str, PyTorchObs], th.Tensor | float]
     on_nonfinite: Callable[[str], None]
+    max_jacobian_entries: int = MAX_JACOBIAN_ENTRIES
+
+    @cached_property
+    def _linear_layers(self) -> LinearLayerRecorder:
+        """Records the critic's linear layers for its explicit Jacobian (built once per update)."""
+        return LinearLayerRecorder([self.policy], self.critic_params)
 
     def loss(
-        self, rollout: BilevelRollout, batch: Minibatch, ratios: th.Tensor | None
+        self, rollout: BilevelRollout, batch: Minibatch, ratios: th.Tensor | None, values: th.Tensor | None = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         """The follower objective ``g̃(θ, w)`` on the minibatch at the current critic: ``(loss, values, weights)``.
 
         It is the one whose implicit function theorem the hypergradient applies: the critic MSE with the actor's
         influence on the targets / state weights made explicit (``coupling``). Without ratios (nested-only) or with
         ``"authors_f2"`` (whose follower is the plain MSE) it is the MSE to the fixed targets; at ``θ = θ_old`` all
-        forms coincide with it.
+        forms coincide with it. ``values``: the critic's values of the minibatch when already computed.
         """
-        values = self.policy.predict_values(batch.observations).flatten()
+        if values is None:
+            values = self.policy.predict_values(batch.observations).flatten()
         if ratios is None or self.coupling == AUTHORS_F2:
             return weighted_squared_error(values, batch.targets), values, None
         targets, weights = coupled_targets_and_weights(
@@ -117,18 +140,44 @@ class Follower:
 
     def implicit_terms(
         self, rollout: BilevelRollout, batch: Minibatch, ratios: th.Tensor
-    ) -> tuple[th.Tensor, CurvatureOperator | None]:
-        """The loss whose ``∂²/∂θ∂w`` gives the mixed term, and the curvature the IHVP inverts (``None``: that loss's
-        own Hessian)."""
-        follower_loss, values, weights = self.loss(rollout, batch, ratios)
+    ) -> tuple[th.Tensor, CurvatureOperator | None, MixedProduct | None]:
+        """The loss whose ``∂²/∂θ∂w`` gives the mixed term, the curvature the IHVP inverts (``None``: that loss's own
+        Hessian), and the mixed product computed through the critic's outputs (``None``: by double backward of the
+        loss). All paths give the same numbers up to float rounding.
+
+        With the Gauss–Newton curvature and ``g̃`` as the mixed loss (not ``"authors_f2"``, whose surrogate depends on
+        ``w`` through the advantages too), ``g̃`` depends on ``w`` only through the minibatch values ``V``, so the mixed
+        term is ``∂/∂θ ⟨∂g̃/∂V, J x⟩`` (:class:`~sb3_blpo.hypergrad.jacobian.OutputMixedProduct`); and when
+        ``batch × critic parameters ≤ max_jacobian_entries`` and the critic is an MLP, ``J`` is formed explicitly
+        (:class:`~sb3_blpo.hypergrad.jacobian.JacobianGaussNewtonProduct`), so that the IHVP's products are matrix
+        products instead of two backward passes each.
+        """
+        gauss_newton = self.curvature == "gauss_newton"
+        n_params = sum(p.numel() for p in self.critic_params)
+        explicit = gauss_newton and len(batch) * n_params <= self.max_jacobian_entries
+        recorder = self._linear_layers
+        if explicit and recorder.supported:
+            with recorder.record():
+                values = self.policy.predict_values(batch.observations).flatten()
+        else:
+            values = self.policy.predict_values(batch.observations).flatten()
+        follower_loss, values, weights = self.loss(rollout, batch, ratios, values)
         mixed_loss = follower_loss if self.coupling != AUTHORS_F2 else self._authors_f2(rollout, batch, ratios, values)
-        if self.curvature == "gauss_newton":
+        if gauss_newton:
             # g̃ = mean ω (ỹ − V)²: Gauss–Newton (2/B) Jᵀ diag(ω) J, positive semi-definite (ω ≥ 0).
             scale = th.full_like(values, 2.0 / len(batch)) if weights is None else weights.detach() * (2.0 / len(batch))
-            return mixed_loss, GaussNewtonProduct(values, self.critic_params, weights=scale)
+            jacobian = recorder.jacobian(values) if explicit and recorder.supported else None
+            operator: JacobianGaussNewtonProduct | GaussNewtonProduct
+            if jacobian is not None:
+                operator = JacobianGaussNewtonProduct(jacobian, weights=scale)
+            else:
+                operator = GaussNewtonProduct(values, self.critic_params, weights=scale)
+            if self.coupling == AUTHORS_F2:
+                return mixed_loss, operator, None
+            return mixed_loss, operator, OutputMixedProduct(mixed_loss, values, operator.jacobian_product)
         if self.coupling == AUTHORS_F2:
-            return mixed_loss, HessianVectorProduct(follower_loss, self.critic_params)
-        return mixed_loss, None
+            return mixed_loss, HessianVectorProduct(follower_loss, self.critic_params), None
+        return mixed_loss, None, None
 
     def _authors_f2(self, rollout: BilevelRollout, batch: Minibatch, ratios: th.Tensor, values: th.Tensor) -> th.Tensor:
         """The authors' f2 on the minibatch: per-step surrogate of the whole rollout from the current critic's

@@ -5,11 +5,17 @@ give the *same parameter update* as a loss term would:
 
 * :class:`GradientInjection` (PPO, A2C, MaskablePPO: one joint loss, one optimizer): ``policy.optimizer.zero_grad`` is wrapped.
   SB3 calls it once per minibatch, after the minibatch's forward pass and right before ``loss.backward()``; the wrapper
-  zeroes the gradients and then *accumulates* the penalty's gradient into ``.grad``. SB3's ``backward()`` adds the loss
-  gradient to it and ``clip_grad_norm_`` then clips the sum, exactly as if the terms were part of ``loss``. The
-  features of the rank term are the hidden-layer outputs of that same minibatch's forward pass, captured by forward
-  hooks. A hook keeps an output only when autograd is on and the policy is in training mode, which SB3 sets only inside
-  ``train()``: rollout collection (``no_grad``, eval mode) and monitors (eval mode) are never regularised.
+  zeroes the gradients and then *accumulates* the L2 terms' gradient into ``.grad``. The features of the rank term are
+  the hidden-layer outputs of that same minibatch's forward pass, captured by forward hooks; at ``zero_grad`` the
+  wrapper computes ``−β ∂R/∂Φ_l`` for every chosen layer in closed form
+  (:func:`~sb3_blpo.penalties.effective_rank_gradients`, one batched SVD, no graph), and a gradient hook registered on
+  each captured output adds it to the gradient that SB3's own ``loss.backward()`` sends into that output. So the rank
+  term rides on the algorithm's single backward pass (no second pass through the network), and SB3's
+  ``clip_grad_norm_`` clips the sum, exactly as if the terms were part of ``loss``. A forward hook keeps an output only
+  when autograd is on and the policy is in training mode, which SB3 sets only inside ``train()``: rollout collection
+  (``no_grad``, eval mode) and monitors (eval mode) are never regularised, and a backward pass through an output whose
+  minibatch has not reached ``zero_grad`` yet gets nothing added. The gradient hooks live on the outputs themselves and
+  go with them when the graph is freed after the backward pass.
 * :class:`LossTermDelivery` (any model with ``add_loss_term``, e.g. BLPO): the ``"actor"`` call adds the actor-side
   terms (rank of the actor's hidden layers, L2/L2-Init of the actor's parameters) to the actor's minibatch loss (BLPO:
   the leader loss ``f``, so they enter ``∇θf``, the bound of the hypergradient correction and the actor's gradient
@@ -34,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sb3_blpo.common.features import branch_of
 from sb3_blpo.common.model_view import OnPolicyModelView
-from sb3_blpo.penalties import ParameterPenalty, effective_rank_objective
+from sb3_blpo.penalties import ParameterPenalty, effective_rank_gradients, effective_rank_objective
 
 
 class PenaltyTerms:
@@ -69,17 +75,33 @@ class PenaltyTerms:
         self._rank_counts: dict[str, int] = defaultdict(int)
         self._levels_used: set[str] = set()
 
-    def rank_objective(self, features: Mapping[str, th.Tensor]) -> th.Tensor:
-        """``R`` over the chosen layers present in ``features`` (actor layers and critic layers as two groups)."""
+    def _groups(self, features: Mapping[str, th.Tensor]) -> dict[str, dict[str, th.Tensor]]:
+        """The chosen layers present in ``features``, actor layers and critic layers as two groups."""
         groups: dict[str, dict[str, th.Tensor]] = {"actor": {}, "critic": {}}
         for name in self.layer_names:
             if name in features:
                 groups[branch_of(name)][name] = features[name]
-        objective, ranks = effective_rank_objective(groups, center=self.center)
+        return groups
+
+    def _record_ranks(self, ranks: Mapping[str, float]) -> None:
         for name, rank in ranks.items():
             self._rank_sums[name] += rank
             self._rank_counts[name] += 1
+
+    def rank_objective(self, features: Mapping[str, th.Tensor]) -> th.Tensor:
+        """``R`` over the chosen layers present in ``features`` (actor layers and critic layers as two groups)."""
+        objective, ranks = effective_rank_objective(self._groups(features), center=self.center)
+        self._record_ranks(ranks)
         return objective
+
+    def rank_term_gradients(self, level: str, features: Mapping[str, th.Tensor]) -> dict[str, th.Tensor]:
+        """``∂(−β R)/∂Φ_l`` for each chosen layer in ``features``, in closed form (no graph); the term's value is
+        recorded under ``level`` as by :meth:`rank_term`."""
+        objective, ranks, gradients = effective_rank_gradients(self._groups(features), center=self.center)
+        self._record_ranks(ranks)
+        self._term_sums[("erank", level)] += -self.erank_coef * objective
+        self._term_counts[("erank", level)] += 1
+        return {name: gradient.mul_(-self.erank_coef) for name, gradient in gradients.items()}
 
     def rank_term(self, level: str, features: Mapping[str, th.Tensor]) -> th.Tensor:
         """``−β R`` on ``features``, recorded under ``level``."""
@@ -122,8 +144,21 @@ class PenaltyTerms:
         return dict(terms), (sum(means) / len(means) if means else None)
 
 
+class _PendingGradient:
+    """The rank gradient still to be added to one captured output (filled at ``zero_grad``, used by its hook)."""
+
+    __slots__ = ("gradient",)
+
+    def __init__(self) -> None:
+        self.gradient: th.Tensor | None = None
+
+    def __call__(self, gradient: th.Tensor) -> th.Tensor:
+        return gradient if self.gradient is None else gradient + self.gradient
+
+
 class GradientInjection:
-    """Penalties into PPO/A2C's update: their gradient accumulated into ``.grad`` at ``zero_grad`` (module docstring).
+    """Penalties into PPO/A2C's update: the rank gradient added in SB3's own backward pass through gradient hooks on
+    the captured features, the L2 gradients accumulated into ``.grad`` at ``zero_grad`` (module docstring).
 
     :param policy: the algorithm's policy (its ``optimizer`` is wrapped).
     :param terms: the penalties.
@@ -134,7 +169,7 @@ class GradientInjection:
         self.policy = policy
         self.terms = terms
         self.rank_layers = {name: hidden_layers[name] for name in terms.layer_names} if terms.erank_coef > 0 else {}
-        self._captured: dict[str, th.Tensor] = {}
+        self._captured: dict[str, tuple[th.Tensor, _PendingGradient]] = {}
         self._handles: list[RemovableHandle] = []
         self._wrapped: th.optim.Optimizer | None = None
 
@@ -172,17 +207,21 @@ class GradientInjection:
     def _capture_hook(self, name: str) -> Callable[[nn.Module, Any, th.Tensor], None]:
         def hook(module: nn.Module, _inputs: Any, output: th.Tensor) -> None:
             # Training forward passes only: rollout collection runs under no_grad and in eval mode.
-            if module.training and th.is_grad_enabled():
-                self._captured[name] = output.reshape(output.shape[0], -1)
+            if module.training and th.is_grad_enabled() and output.requires_grad:
+                pending = _PendingGradient()
+                output.register_hook(pending)
+                self._captured[name] = (output, pending)
 
         return hook
 
     def _inject(self) -> None:
         if self.rank_layers:
-            features, self._captured = self._captured, {}
-            if all(name in features for name in self.rank_layers):
-                # The graph below the features is shared with SB3's loss, which backpropagates through it next.
-                self.terms.rank_term("joint", features).backward(retain_graph=True)
+            captured, self._captured = self._captured, {}
+            if all(name in captured for name in self.rank_layers):
+                features = {name: output.detach().reshape(output.shape[0], -1) for name, (output, _) in captured.items()}
+                gradients = self.terms.rank_term_gradients("joint", features)
+                for name, (output, pending) in captured.items():
+                    pending.gradient = gradients[name].reshape(output.shape)
         if self.terms.parameter_penalty.active:
             self.terms.add_parameter_gradients("joint")
 

@@ -13,6 +13,12 @@ from sb3_blpo.hypergrad.hvp import (
     unique_parameters,
 )
 from sb3_blpo.hypergrad.implicit import Hypergradient, bound_correction, implicit_hypergradient
+from sb3_blpo.hypergrad.jacobian import (
+    MAX_JACOBIAN_ENTRIES,
+    JacobianGaussNewtonProduct,
+    LinearLayerRecorder,
+    OutputMixedProduct,
+)
 from sb3_blpo.hypergrad.solvers import (
     SOLVERS,
     ConjugateGradientSolver,
@@ -25,6 +31,7 @@ from sb3_blpo.hypergrad.solvers import (
 )
 
 __all__ = [
+    "MAX_JACOBIAN_ENTRIES",
     "SOLVERS",
     "ConjugateGradientSolver",
     "CurvatureOperator",
@@ -34,8 +41,11 @@ __all__ = [
     "Hypergradient",
     "IHVPResult",
     "IHVPSolver",
+    "JacobianGaussNewtonProduct",
+    "LinearLayerRecorder",
     "NeumannSolver",
     "NystromSolver",
+    "OutputMixedProduct",
     "bound_correction",
     "flat_grad",
     "flatten",

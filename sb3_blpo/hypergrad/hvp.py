@@ -209,6 +209,15 @@ class GaussNewtonProduct(CurvatureOperator):
         self._transpose_product = flatten(grads, like=self.params)
         super().__init__(self._transpose_product, damping)
 
+    def jacobian_product(self, vector: th.Tensor) -> th.Tensor:
+        """``J x`` ``(B,)`` for a flat ``x`` ``(P,)`` (one backward pass, the first half of a product)."""
+        if not self._transpose_product.requires_grad:
+            return th.zeros_like(self.outputs).detach()
+        (jacobian_vector,) = th.autograd.grad(
+            self._transpose_product, self._dummy, grad_outputs=vector.detach(), retain_graph=True
+        )
+        return jacobian_vector
+
     def _products(self, matrix: th.Tensor) -> th.Tensor:
         if not self._transpose_product.requires_grad:
             return th.zeros_like(matrix)  # the outputs do not depend on params

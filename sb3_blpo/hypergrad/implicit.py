@@ -45,6 +45,7 @@ def implicit_hypergradient(
     damping: float = 0.0,
     curvature: CurvatureOperator | None = None,
     on_phase: Callable[[str], None] | None = None,
+    mixed: Callable[[Params, th.Tensor], th.Tensor] | None = None,
 ) -> Hypergradient:
     """Hypergradient of ``min_θ F(θ) = f(θ, w*(θ))`` with ``w*(θ) = argmin_w g(θ, w)``.
 
@@ -69,6 +70,9 @@ def implicit_hypergradient(
     :param on_phase: called with ``"gradients"`` (``∇θ f`` and ``∇w f``), ``"ihvp"`` (the solve, including the
         ``create_graph`` backward of ``g``) and ``"mixed"`` (the mixed product) as each phase ends, e.g. to time them
         (:class:`sb3_blpo.common.update_stats.PhaseTimer`); on CUDA, synchronise in the callback for device times.
+    :param mixed: ``(θ, x) ↦ ∂²inner_loss/∂θ∂w · x`` computed another way, e.g.
+        :class:`~sb3_blpo.hypergrad.jacobian.OutputMixedProduct` (the same numbers without a ``create_graph`` backward
+        of ``g``); with ``curvature`` also given, ``inner_loss`` is not differentiated here at all.
     :return: the direct term, ``∇w f``, the correction and the IHVP result; ``.total`` is the hypergradient.
     """
     outer_params, inner_params = list(outer_params), list(inner_params)
@@ -92,10 +96,16 @@ def implicit_hypergradient(
     v = flatten(grads[n_outer:], like=inner_params).detach()
 
     mark("gradients")
-    hvp = HessianVectorProduct(inner_loss, inner_params, damping=damping)
-    ihvp = solver.solve(hvp if curvature is None else curvature, v)
+    hvp = None
+    if mixed is None or curvature is None:
+        hvp = HessianVectorProduct(inner_loss, inner_params, damping=damping)
+    ihvp = solver.solve(hvp if curvature is None else curvature, v)  # type: ignore[arg-type]
     mark("ihvp")
-    correction = hvp.mixed_product(outer_params, ihvp.x).detach()
+    if mixed is not None:
+        correction = mixed(outer_params, ihvp.x).detach()
+    else:
+        assert hvp is not None
+        correction = hvp.mixed_product(outer_params, ihvp.x).detach()
     mark("mixed")
     return Hypergradient(direct=direct, outer_grad_inner=v, correction=correction, ihvp=ihvp)
 
