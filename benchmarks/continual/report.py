@@ -110,7 +110,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zip(variants, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    colors = {variant: f"C{index % 10}" for index, variant in enumerate(LABELS)}  # one colour per variant, every figure
 
     def band(ax, table: pd.DataFrame, column: str, x: str = "task") -> None:
         for variant in variants:
