@@ -204,6 +204,7 @@ def report(args: argparse.Namespace) -> None:
         axes[1, column].set(xlabel="epochs per rollout", ylabel="approx_kl (mean over updates)", xscale="log",
                             yscale="log", xticks=list(args.epochs))  # fmt: skip
         for ax in axes[:, column]:
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the epoch values as x labels
             ax.set_xticklabels([str(e) for e in args.epochs])
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
