@@ -96,16 +96,16 @@ def implicit_hypergradient(
     v = flatten(grads[n_outer:], like=inner_params).detach()
 
     mark("gradients")
-    hvp = None
-    if mixed is None or curvature is None:
-        hvp = HessianVectorProduct(inner_loss, inner_params, damping=damping)
-    ihvp = solver.solve(hvp if curvature is None else curvature, v)  # type: ignore[arg-type]
+    # The Hessian of g (and its create_graph backward) only where it is used: as curvature, or for the mixed term.
+    hvp = HessianVectorProduct(inner_loss, inner_params, damping=damping) if mixed is None or curvature is None else None
+    operator = curvature if curvature is not None else hvp
+    assert operator is not None
+    ihvp = solver.solve(operator, v)
     mark("ihvp")
-    if mixed is not None:
-        correction = mixed(outer_params, ihvp.x).detach()
-    else:
+    if mixed is None:
         assert hvp is not None
-        correction = hvp.mixed_product(outer_params, ihvp.x).detach()
+        mixed = hvp.mixed_product
+    correction = mixed(outer_params, ihvp.x).detach()
     mark("mixed")
     return Hypergradient(direct=direct, outer_grad_inner=v, correction=correction, ihvp=ihvp)
 
