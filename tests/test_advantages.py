@@ -12,7 +12,7 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_blpo import BLPO
-from sb3_blpo.blpo.advantages import DifferentiableGAE, EpisodeKernel
+from sb3_blpo.blpo.advantages import DifferentiableGAE, EpisodeKernel, KernelWindow
 
 DTYPE = th.float64
 
@@ -386,3 +386,90 @@ def test_blocked_scan_float32_long_rollout(starts: str, future: bool) -> None:
         expected = (window.rows(decay, th.float64, future=future) * per_step.double()[env_index]).sum(dim=1)
         computed = window.apply(decay, per_step, future=future).double()
         assert float((computed - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+# ------------------------------------------------------------- the steps a minibatch reaches (BLPO evaluates only those)
+
+
+@pytest.mark.parametrize("future", [True, False], ids=["future", "past"])
+def test_reach_is_the_nonzero_pattern_of_the_rows(future: bool) -> None:
+    episode_starts = th.zeros(3, 12, dtype=DTYPE)
+    episode_starts[0, [0, 3, 4, 9]] = 1.0
+    episode_starts[1, [11]] = 1.0
+    kernel = EpisodeKernel(episode_starts)
+    env_index = th.tensor([0, 0, 0, 0, 1, 1])  # env 2 has no entry: nothing of it is reached
+    time_index = th.tensor([2, 3, 7, 5, 4, 11])
+    reach = kernel.window(env_index, time_index).reach(future=future)
+    rows = reference_rows(episode_starts, env_index, time_index, 0.9, future) != 0
+    expected = th.zeros(3, 12, dtype=th.bool)
+    for b, env in enumerate(env_index.tolist()):
+        expected[env] |= rows[b]
+    assert th.equal(reach, expected)
+    # Env 0, segment [4, 8] holds entries 5 and 7: the future reach starts at 5, the past one ends before 7.
+    assert reach[0, 4:9].tolist() == ([False, True, True, True, True] if future else [True, True, True, False, False])
+    assert not reach[2].any()
+
+
+def test_reached_values_give_the_whole_rollout_advantages_and_gradients(rollout_model: BLPO) -> None:
+    rollout, follower = rollout_model._bilevel_rollout(), rollout_model._follower()
+    critic = rollout_model._critic_params
+    generator = th.Generator().manual_seed(1)
+    for size in (1, 9, 40):
+        batch = rollout.minibatch(th.randperm(rollout.size, generator=generator)[:size])
+        assert not batch.window.reach(future=True).all()  # the test would not compare anything otherwise
+        results = []
+        for whole_rollout in (True, False):
+            advantages, _, values = follower.advantages(rollout, batch, track_critic=True, whole_rollout=whole_rollout)
+            weights = th.linspace(-1.0, 1.0, size)  # an arbitrary loss on the advantages
+            gradient = th.autograd.grad((weights * advantages).sum(), critic)
+            results.append((advantages.detach(), values, th.cat([g.flatten() for g in gradient])))
+        for whole, reached in zip(*results, strict=True):
+            th.testing.assert_close(reached, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_reached_ratios_give_the_same_coupled_loss_and_mixed_gradient(rollout_model: BLPO) -> None:
+    rollout, actor = rollout_model._bilevel_rollout(), rollout_model._actor_params
+    batch = rollout.minibatch(th.randperm(rollout.size, generator=th.Generator().manual_seed(2))[:5])
+    saved = [param.detach().clone() for param in actor]
+    coupling = rollout_model.coupling
+    try:
+        with th.no_grad():  # move the actor away from the rollout policy so that the ratios are not all 1
+            for param in actor:
+                param.add_(0.05 * th.randn_like(param))
+        for rollout_model.coupling in ("target", "distribution", "both"):
+            follower = rollout_model._follower()
+            reach = follower.ratio_reach(batch)
+            assert reach is not None and not reach.all()
+            results = []
+            for ratios in (rollout_model._rollout_ratios(rollout), rollout_model._rollout_ratios(rollout, reach)):
+                loss = follower.loss(rollout, batch, ratios)[0]
+                gradient = th.autograd.grad(loss, actor, allow_unused=True)
+                flat = th.cat([(th.zeros_like(p) if g is None else g).flatten() for g, p in zip(gradient, actor, strict=True)])
+                results.append((loss.detach(), flat))
+            assert results[0][1].abs().max() > 0
+            for whole, reached in zip(*results, strict=True):
+                th.testing.assert_close(reached, whole, rtol=1e-5, atol=1e-7)
+    finally:
+        rollout_model.coupling = coupling
+        with th.no_grad():
+            for param, value in zip(actor, saved, strict=True):
+                param.copy_(value)
+
+
+def _trained_parameters(monkeypatch: pytest.MonkeyPatch, env_id: str, reach: bool, **kwargs: object) -> th.Tensor:
+    if not reach:
+        monkeypatch.setattr(KernelWindow, "reach", lambda self, future: th.ones_like(self.kernel.segment, dtype=th.bool))
+    model = BLPO("MlpPolicy", env_id, n_steps=128, batch_size=16, n_epochs=2, seed=0, device="cpu", **kwargs)
+    model.learn(256)
+    monkeypatch.undo()
+    return th.cat([p.detach().flatten() for p in model.policy.parameters()])
+
+
+@pytest.mark.parametrize(
+    ("env_id", "kwargs"),
+    [("CartPole-v1", {}), ("Pendulum-v1", {"coupling": "both", "follower_objective": "coupled"})],
+)
+def test_blpo_update_is_the_same_on_the_reached_steps(monkeypatch: pytest.MonkeyPatch, env_id: str, kwargs: dict) -> None:
+    whole = _trained_parameters(monkeypatch, env_id, reach=False, **kwargs)
+    reached = _trained_parameters(monkeypatch, env_id, reach=True, **kwargs)
+    th.testing.assert_close(reached, whole, rtol=1e-4, atol=1e-5)

@@ -221,3 +221,14 @@ def test_suite_main_runs_exactly_its_shard(tmp_path: Path, monkeypatch: pytest.M
     ]
     assert all(len(shard) == 4 for shard in ran)
     assert sorted(run for shard in ran for run in shard) == sorted(full)
+
+
+def test_suite_skips_a_run_finished_by_another_process(tmp_path: Path) -> None:
+    """Two processes over overlapping run lists: a run whose CSV appeared after the list was made is not redone."""
+    suite = _load(BENCHMARKS / "returns" / "suite.py")
+    target = suite.csv_path(tmp_path, "CartPole-v1", "blpo", 0)
+    target.parent.mkdir(parents=True)
+    target.write_text("timesteps\n")
+    args = suite.argparse.Namespace(out=tmp_path)
+    assert suite.run("CartPole-v1", "blpo", 0, 1024, args) == "skipped (finished elsewhere)"
+    assert target.read_text() == "timesteps\n" and not (tmp_path / "logs").exists()

@@ -1,4 +1,4 @@
-"""The explicit-Jacobian Gauss–Newton products and the output-space mixed product give the double-backward numbers."""
+"""The per-sample-Jacobian Gauss–Newton products and the output-space mixed product give the double-backward numbers."""
 
 from __future__ import annotations
 
@@ -44,8 +44,13 @@ def test_recorded_jacobian_is_the_per_sample_gradient(activation):
     with recorder.record():
         outputs = net(th.randn(7, 3, dtype=DTYPE)).flatten()
     jacobian = recorder.jacobian(outputs)
-    assert jacobian is not None and jacobian.shape == (7, sum(p.numel() for p in params))
-    th.testing.assert_close(jacobian, row_gradients(outputs, params))
+    assert jacobian is not None and (jacobian.rows, jacobian.dim) == (7, sum(p.numel() for p in params))
+    dense = row_gradients(outputs, params)
+    th.testing.assert_close(jacobian.dense(), dense)
+    # The factored products are the dense matrix's.
+    right, left = th.randn(4, jacobian.dim, dtype=DTYPE), th.randn(3, 7, dtype=DTYPE)
+    th.testing.assert_close(jacobian.matmul(right), right @ dense.T)
+    th.testing.assert_close(jacobian.rmatmul(left), left @ dense)
 
 
 def test_recorder_refuses_what_it_cannot_decompose():
@@ -75,6 +80,8 @@ def test_jacobian_gauss_newton_matches_the_double_backward_products():
     explicit = JacobianGaussNewtonProduct(jacobian, weights=weights, damping=0.3)
     autograd = GaussNewtonProduct(outputs, params, weights=weights, damping=0.3)
     th.testing.assert_close(explicit.dense(), autograd.dense())
+    from_dense = JacobianGaussNewtonProduct(jacobian.dense(), weights=weights, damping=0.3)
+    th.testing.assert_close(from_dense.dense(), autograd.dense())
     vector = th.randn(explicit.dim, dtype=DTYPE)
     th.testing.assert_close(explicit.jacobian_product(vector), autograd.jacobian_product(vector))
     th.testing.assert_close(explicit(vector), autograd(vector))
@@ -118,7 +125,7 @@ def test_hypergradient_is_the_same_through_either_mixed_product():
 
 def _train_parameters(monkeypatch, env_id: str, fast: bool, **kwargs) -> th.Tensor:
     if not fast:
-        # The double-backward path: no explicit Jacobian and the mixed product of the follower loss's Hessian graph.
+        # The double-backward path: no per-sample Jacobian and the mixed product of the follower loss's Hessian graph.
         implicit_terms = Follower.implicit_terms
 
         def without_output_mixed(self, *args):
@@ -126,7 +133,7 @@ def _train_parameters(monkeypatch, env_id: str, fast: bool, **kwargs) -> th.Tens
             return loss, curvature, None
 
         monkeypatch.setattr(Follower, "implicit_terms", without_output_mixed)
-        monkeypatch.setattr(blpo_module, "Follower", functools.partial(Follower, max_jacobian_entries=0))
+        monkeypatch.setattr(blpo_module, "Follower", functools.partial(Follower, per_sample_jacobian=False))
     model = BLPO("MlpPolicy", env_id, n_steps=64, batch_size=16, n_epochs=2, seed=0, device="cpu", **kwargs)
     model.learn(128)
     monkeypatch.undo()

@@ -281,6 +281,8 @@ def run_list(args: argparse.Namespace) -> list[tuple[str, str, int, int]]:
 
 def run(env_id: str, variant: str, seed: int, steps: int, args: argparse.Namespace) -> str:
     target = csv_path(args.out, env_id, variant, seed)
+    if target.exists():  # finished by another process since this one listed its runs
+        return "skipped (finished elsewhere)"
     log_dir = args.out / "logs" / f"{env_id}_{variant}_seed{seed}"
     shutil.rmtree(log_dir, ignore_errors=True)  # a partial run from an interrupted suite starts over
     started = time.perf_counter()

@@ -132,6 +132,18 @@ class KernelWindow:
         mask = same_segment & ((offset >= 0) if future else (offset < 0))
         return th.where(mask, kernel.powers(decay, dtype)[offset.abs()], th.zeros((), dtype=dtype))
 
+    def reach(self, *, future: bool) -> th.Tensor:
+        """The rollout steps these entries' sums read, ``(n_envs, n_steps)`` bool: every step of an episode segment at or
+        after its first entry (``future``), or before its last entry. Quantities outside it do not affect
+        :meth:`apply`, so they need not be computed (the nonzero pattern of :meth:`rows`, gathered per env)."""
+        kernel = self.kernel
+        segment_key = self.env_index * kernel.n_steps + kernel.segment[self.env_index, self.time_index]
+        fill = kernel.n_steps if future else -1
+        bound = th.full((kernel.n_envs * kernel.n_steps,), fill, dtype=th.long, device=self.time_index.device)
+        bound.scatter_reduce_(0, segment_key, self.time_index, reduce="amin" if future else "amax")
+        bound = bound.view(kernel.n_envs, kernel.n_steps).gather(1, kernel.segment)
+        return kernel.steps >= bound if future else kernel.steps < bound
+
     def apply(self, decay: float, per_step: th.Tensor, *, future: bool) -> th.Tensor:
         """``Σ_j rows[b, j] · per_step[env_b, j]`` for a ``(n_envs, n_steps)`` quantity (by the rollout's scan)."""
         return self.kernel.discounted_sums(decay, per_step, future=future)[self.env_index, self.time_index]

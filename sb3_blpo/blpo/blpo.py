@@ -349,9 +349,9 @@ class BLPO(LossTermHost, TruncatedStepRecorder, OnPolicyAlgorithm):
             for batch in rollout.minibatches(self.batch_size):
                 if self.use_sde:
                     self.policy.reset_noise(len(batch))
-                # The actor's ratios on the whole rollout: differentiated in θ by the mixed term, and constants for the
-                # nested steps of the coupled follower. θ does not move during those steps: one forward pass serves both.
-                ratios = self._rollout_ratios(rollout) if self._solver is not None else None
+                # The actor's ratios on the rollout steps g̃ reads: differentiated in θ by the mixed term, and constants
+                # for the nested steps of the coupled follower. θ does not move during those steps: one pass serves both.
+                ratios = self._rollout_ratios(rollout, follower.ratio_reach(batch)) if self._solver is not None else None
                 nested_started = time.perf_counter()
                 stats.add(value_loss_before_nested=follower.nested_steps(rollout, batch, ratios))
                 stats.add(seconds_nested_critic=time.perf_counter() - nested_started)
@@ -407,10 +407,10 @@ class BLPO(LossTermHost, TruncatedStepRecorder, OnPolicyAlgorithm):
             on_nonfinite=self._nonfinite.note,
         )
 
-    def _rollout_ratios(self, rollout: BilevelRollout) -> th.Tensor:
-        """``π_θ / π_old`` on every rollout entry, ``(n_envs, n_steps)``, with the graph to θ."""
-        log_prob, _ = self.policy.actor_log_prob_entropy(rollout.observations, rollout.actions)
-        return th.exp(log_prob - rollout.old_log_prob).view(rollout.n_envs, rollout.n_steps)
+    def _rollout_ratios(self, rollout: BilevelRollout, reach: th.Tensor | None = None) -> th.Tensor:
+        """``π_θ / π_old`` on the rollout steps of ``reach`` (``None``: all; 1 elsewhere), ``(n_envs, n_steps)``, with
+        the graph to θ."""
+        return rollout.ratios(lambda obs, actions: self.policy.actor_log_prob_entropy(obs, actions)[0], reach)
 
     def _actor_objective(
         self, follower: Follower, rollout: BilevelRollout, batch: Minibatch, clip_range: float

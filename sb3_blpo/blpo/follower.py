@@ -22,7 +22,6 @@ from sb3_blpo.blpo.coupling import AUTHORS_F2, coupled_targets_and_weights, pref
 from sb3_blpo.blpo.rollout import BilevelRollout, Minibatch
 from sb3_blpo.common.surrogate import clipped_surrogate
 from sb3_blpo.hypergrad import (
-    MAX_JACOBIAN_ENTRIES,
     CurvatureOperator,
     GaussNewtonProduct,
     HessianVectorProduct,
@@ -51,9 +50,9 @@ class Follower:
     :param max_grad_norm: gradient clipping of each nested step.
     :param extra_loss: ``extra_loss("critic", observations)``, terms added to each nested step's loss.
     :param on_nonfinite: called with a description when a nested step's gradient is not finite (the step is skipped).
-    :param max_jacobian_entries: the Gauss–Newton products go through an explicit per-sample Jacobian of the critic
-        (:class:`~sb3_blpo.hypergrad.jacobian.JacobianGaussNewtonProduct`: the same numbers, fewer backward passes)
-        when ``batch × critic parameters`` is at most this and the critic is an MLP; ``0``: never.
+    :param per_sample_jacobian: when the critic is an MLP, the Gauss–Newton products go through its per-sample
+        Jacobian in factored form (:class:`~sb3_blpo.hypergrad.jacobian.JacobianGaussNewtonProduct`: the same numbers
+        as the double-backward products, no backward pass per product); ``False``: always by double backward.
     """
 
     policy: Any
@@ -67,11 +66,11 @@ class Follower:
     max_grad_norm: float
     extra_loss: Callable[[str, PyTorchObs], th.Tensor | float]
     on_nonfinite: Callable[[str], None]
-    max_jacobian_entries: int = MAX_JACOBIAN_ENTRIES
+    per_sample_jacobian: bool = True
 
     @cached_property
     def _linear_layers(self) -> LinearLayerRecorder:
-        """Records the critic's linear layers for its explicit Jacobian (built once per update)."""
+        """Records the critic's linear layers for its per-sample Jacobian (built once per update)."""
         return LinearLayerRecorder([self.policy], self.critic_params)
 
     def loss(
@@ -127,13 +126,32 @@ class Follower:
             self.policy.critic_optimizer.step()
         return loss_before
 
+    def ratio_reach(self, batch: Minibatch) -> th.Tensor | None:
+        """The rollout steps whose ratios ``g̃`` reads for this minibatch, ``(n_envs, n_steps)`` bool (``None``: all):
+        the target part sums future ratios within each episode, the state-distribution part past ones, and the
+        authors' f2 prefix-averages the whole rollout."""
+        if self.coupling == AUTHORS_F2:
+            return None
+        future = batch.window.reach(future=True)
+        if self.coupling == "target":
+            return future
+        past = batch.window.reach(future=False)
+        return past if self.coupling == "distribution" else future | past
+
     def advantages(
-        self, rollout: BilevelRollout, batch: Minibatch, track_critic: bool
+        self, rollout: BilevelRollout, batch: Minibatch, track_critic: bool, whole_rollout: bool = False
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """GAE advantages of the minibatch from the current critic (with ``track_critic`` they carry ``∂/∂w``), the
-        TD errors of the whole rollout they come from, and the critic's values of the minibatch (detached)."""
+        TD errors they come from ``(n_envs, n_steps)``, and the critic's values of the minibatch (detached).
+
+        The critic runs only on the steps the minibatch's GAE windows reach (each episode from its first minibatch
+        entry on); the TD errors elsewhere are then meaningless but finite and unread. ``whole_rollout``: every TD error
+        is the critic's (for a loss that reads them all)."""
+        reach = None if whole_rollout else batch.window.reach(future=True)
         with th.set_grad_enabled(track_critic):
-            values, last_values, terminal_values = rollout.split_values(self.policy.predict_values(rollout.value_inputs))
+            values, last_values, terminal_values = rollout.split_values(
+                rollout.critic_values(self.policy.predict_values, reach)
+            )
             td_errors = rollout.gae.td_errors(values, last_values, terminal_values, rollout.old_terminal_values)
             advantages = rollout.gae.minibatch(td_errors, batch.window)
         return advantages, td_errors, values.flatten()[batch.index].detach()
@@ -147,14 +165,13 @@ class Follower:
 
         With the Gauss–Newton curvature and ``g̃`` as the mixed loss (not ``"authors_f2"``, whose surrogate depends on
         ``w`` through the advantages too), ``g̃`` depends on ``w`` only through the minibatch values ``V``, so the mixed
-        term is ``∂/∂θ ⟨∂g̃/∂V, J x⟩`` (:class:`~sb3_blpo.hypergrad.jacobian.OutputMixedProduct`); and when
-        ``batch × critic parameters ≤ max_jacobian_entries`` and the critic is an MLP, ``J`` is formed explicitly
-        (:class:`~sb3_blpo.hypergrad.jacobian.JacobianGaussNewtonProduct`), so that the IHVP's products are matrix
-        products instead of two backward passes each.
+        term is ``∂/∂θ ⟨∂g̃/∂V, J x⟩`` (:class:`~sb3_blpo.hypergrad.jacobian.OutputMixedProduct`); and when the
+        critic is an MLP, ``J`` is recorded in factored form during the forward pass
+        (:class:`~sb3_blpo.hypergrad.jacobian.PerSampleJacobian`), so that the IHVP's products are small matrix
+        products per layer instead of two backward passes each.
         """
         gauss_newton = self.curvature == "gauss_newton"
-        n_params = sum(p.numel() for p in self.critic_params)
-        explicit = gauss_newton and len(batch) * n_params <= self.max_jacobian_entries
+        explicit = gauss_newton and self.per_sample_jacobian
         recorder = self._linear_layers
         if explicit and recorder.supported:
             with recorder.record():
@@ -182,6 +199,6 @@ class Follower:
     def _authors_f2(self, rollout: BilevelRollout, batch: Minibatch, ratios: th.Tensor, values: th.Tensor) -> th.Tensor:
         """The authors' f2 on the minibatch: per-step surrogate of the whole rollout from the current critic's
         advantages (unnormalised, clip ``coupling_clip``), prefix-averaged (:func:`prefix_mean_f2`)."""
-        _, td_errors, _ = self.advantages(rollout, batch, track_critic=True)
+        _, td_errors, _ = self.advantages(rollout, batch, track_critic=True, whole_rollout=True)
         surrogate = clipped_surrogate(ratios, rollout.gae.rollout(td_errors), self.coupling_clip)
         return prefix_mean_f2(values, batch.targets, surrogate, batch.env_index, batch.time_index)

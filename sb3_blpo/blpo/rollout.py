@@ -7,7 +7,7 @@ observations of truncated steps, whose values make the advantages a differentiab
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,43 @@ class BilevelRollout:
         order = th.as_tensor(np.random.permutation(self.size), device=self.actions.device)
         for start in range(0, self.size, batch_size):
             yield self.minibatch(order[start : start + batch_size])
+
+    @property
+    def n_value_rows(self) -> int:
+        """Rows of ``value_inputs``: the rollout's steps, one last observation per env, the terminal observations."""
+        n_terminal = 0 if self.old_terminal_values is None else len(self.old_terminal_values)
+        return self.size + self.n_envs + n_terminal
+
+    def value_rows(self, reach: th.Tensor) -> th.Tensor:
+        """The rows of ``value_inputs`` whose values the TD errors at the steps of ``reach`` ``(n_envs, n_steps)`` read:
+        those steps, the last observation of an env whose last step is in ``reach``, and the terminal observations of
+        truncated steps in ``reach`` (a step's next value in the same episode is in ``reach`` with it)."""
+        rows = [reach.flatten(), reach[:, -1]]
+        if self.old_terminal_values is not None:
+            truncation = self.gae.truncation_index
+            rows.append(reach[truncation[:, 0], truncation[:, 1]])
+        return th.cat(rows)
+
+    def critic_values(self, predict_values: Callable[[PyTorchObs], th.Tensor], reach: th.Tensor | None) -> th.Tensor:
+        """The critic's values of ``value_inputs`` ``(n_value_rows,)``. With ``reach``, only the rows the TD errors at
+        those steps need are evaluated (:meth:`value_rows`); the others are zeros, constants that no minibatch sum
+        whose steps lie in ``reach`` reads."""
+        if reach is None or bool(reach.all()):
+            return predict_values(self.value_inputs).flatten()
+        index = self.value_rows(reach).nonzero().squeeze(1)
+        selected = predict_values(select_observations(self.value_inputs, index)).flatten()
+        return selected.new_zeros(self.n_value_rows).index_put((index,), selected)
+
+    def ratios(self, log_prob: Callable[[PyTorchObs, th.Tensor], th.Tensor], reach: th.Tensor | None) -> th.Tensor:
+        """``π_θ / π_old`` ``(n_envs, n_steps)`` from ``log_prob(observations, actions)`` (graph to θ). With ``reach``,
+        only at those steps; elsewhere 1, a constant (no change from the rollout policy)."""
+        if reach is None or bool(reach.all()):
+            return th.exp(log_prob(self.observations, self.actions) - self.old_log_prob).view(self.n_envs, self.n_steps)
+        index = reach.flatten().nonzero().squeeze(1)
+        selected = th.exp(
+            log_prob(select_observations(self.observations, index), self.actions[index]) - self.old_log_prob[index]
+        )
+        return th.ones_like(self.old_log_prob).index_put((index,), selected).view(self.n_envs, self.n_steps)
 
     def split_values(self, values: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         """Critic outputs on ``value_inputs`` → rollout values ``(n_envs, n_steps)``, last values, terminal values."""

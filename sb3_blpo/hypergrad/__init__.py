@@ -14,10 +14,11 @@ from sb3_blpo.hypergrad.hvp import (
 )
 from sb3_blpo.hypergrad.implicit import Hypergradient, bound_correction, implicit_hypergradient
 from sb3_blpo.hypergrad.jacobian import (
-    MAX_JACOBIAN_ENTRIES,
+    JacobianBlock,
     JacobianGaussNewtonProduct,
     LinearLayerRecorder,
     OutputMixedProduct,
+    PerSampleJacobian,
 )
 from sb3_blpo.hypergrad.solvers import (
     SOLVERS,
@@ -31,7 +32,6 @@ from sb3_blpo.hypergrad.solvers import (
 )
 
 __all__ = [
-    "MAX_JACOBIAN_ENTRIES",
     "SOLVERS",
     "ConjugateGradientSolver",
     "CurvatureOperator",
@@ -41,11 +41,13 @@ __all__ = [
     "Hypergradient",
     "IHVPResult",
     "IHVPSolver",
+    "JacobianBlock",
     "JacobianGaussNewtonProduct",
     "LinearLayerRecorder",
     "NeumannSolver",
     "NystromSolver",
     "OutputMixedProduct",
+    "PerSampleJacobian",
     "bound_correction",
     "flat_grad",
     "flatten",
