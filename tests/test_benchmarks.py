@@ -232,3 +232,10 @@ def test_suite_skips_a_run_finished_by_another_process(tmp_path: Path) -> None:
     args = suite.argparse.Namespace(out=tmp_path)
     assert suite.run("CartPole-v1", "blpo", 0, 1024, args) == "skipped (finished elsewhere)"
     assert target.read_text() == "timesteps\n" and not (tmp_path / "logs").exists()
+
+
+def test_every_suite_variant_has_its_own_colour(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS / "returns"))  # report.py imports suite.py from its own folder
+    report = _load(BENCHMARKS / "returns" / "report.py")
+    assert set(report.COLORS) == set(report.LABELS)
+    assert len(set(report.COLORS.values())) == len(report.COLORS)
