@@ -6,6 +6,9 @@ Two levels: through a BLPO model on real rollouts (float32, SB3's buffer as the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch as th
 from stable_baselines3.common.callbacks import CallbackList
@@ -456,20 +459,23 @@ def test_reached_ratios_give_the_same_coupled_loss_and_mixed_gradient(rollout_mo
                 param.copy_(value)
 
 
-def _trained_parameters(monkeypatch: pytest.MonkeyPatch, env_id: str, reach: bool, **kwargs: object) -> th.Tensor:
+def _trained_parameters(
+    monkeypatch: pytest.MonkeyPatch, train: Callable[..., th.Tensor], reach: bool, **kwargs: Any
+) -> th.Tensor:
     if not reach:
         monkeypatch.setattr(KernelWindow, "reach", lambda self, future: th.ones_like(self.kernel.segment, dtype=th.bool))
-    model = BLPO("MlpPolicy", env_id, n_steps=128, batch_size=16, n_epochs=2, seed=0, device="cpu", **kwargs)
-    model.learn(256)
+    parameters = train(n_steps=128, **kwargs)
     monkeypatch.undo()
-    return th.cat([p.detach().flatten() for p in model.policy.parameters()])
+    return parameters
 
 
 @pytest.mark.parametrize(
     ("env_id", "kwargs"),
     [("CartPole-v1", {}), ("Pendulum-v1", {"coupling": "both", "follower_objective": "coupled"})],
 )
-def test_blpo_update_is_the_same_on_the_reached_steps(monkeypatch: pytest.MonkeyPatch, env_id: str, kwargs: dict) -> None:
-    whole = _trained_parameters(monkeypatch, env_id, reach=False, **kwargs)
-    reached = _trained_parameters(monkeypatch, env_id, reach=True, **kwargs)
+def test_blpo_update_is_the_same_on_the_reached_steps(
+    monkeypatch: pytest.MonkeyPatch, blpo_parameters_after_two_updates: Callable[..., th.Tensor], env_id: str, kwargs: dict
+) -> None:
+    whole = _trained_parameters(monkeypatch, blpo_parameters_after_two_updates, reach=False, env_id=env_id, **kwargs)
+    reached = _trained_parameters(monkeypatch, blpo_parameters_after_two_updates, reach=True, env_id=env_id, **kwargs)
     th.testing.assert_close(reached, whole, rtol=1e-4, atol=1e-5)

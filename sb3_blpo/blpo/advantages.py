@@ -122,6 +122,7 @@ class KernelWindow:
         self.kernel = kernel
         self.env_index = env_index
         self.time_index = time_index
+        self._reach: dict[bool, th.Tensor] = {}
 
     def rows(self, decay: float, dtype: th.dtype, *, future: bool) -> th.Tensor:
         """Dense weights ``(B, n_steps)``: ``decay^{|j − t_b|}`` on ``j ≥ t_b`` (``future``) or ``j < t_b``, same
@@ -135,7 +136,13 @@ class KernelWindow:
     def reach(self, *, future: bool) -> th.Tensor:
         """The rollout steps these entries' sums read, ``(n_envs, n_steps)`` bool: every step of an episode segment at or
         after its first entry (``future``), or before its last entry. Quantities outside it do not affect
-        :meth:`apply`, so they need not be computed (the nonzero pattern of :meth:`rows`, gathered per env)."""
+        :meth:`apply`, so they need not be computed (the nonzero pattern of :meth:`rows`, gathered per env). Computed
+        once per direction: the ratios and the advantages of a minibatch both need it."""
+        if future not in self._reach:
+            self._reach[future] = self._compute_reach(future)
+        return self._reach[future]
+
+    def _compute_reach(self, future: bool) -> th.Tensor:
         kernel = self.kernel
         segment_key = self.env_index * kernel.n_steps + kernel.segment[self.env_index, self.time_index]
         fill = kernel.n_steps if future else -1

@@ -21,10 +21,20 @@ from sb3_blpo.blpo.advantages import DifferentiableGAE, KernelWindow
 from sb3_blpo.common.rollout import RolloutReader
 
 
-def select_observations(observations: PyTorchObs, index: th.Tensor) -> PyTorchObs:
+def select_observations(observations: PyTorchObs, index: th.Tensor | slice) -> PyTorchObs:
     if isinstance(observations, dict):
         return {key: value[index] for key, value in observations.items()}
     return observations[index]
+
+
+def _on_rows(mask: th.Tensor | None, evaluate: Callable[[Any], th.Tensor], fill: float) -> th.Tensor:
+    """``evaluate(rows)`` (a flat tensor, one entry per row) on the rows of the bool ``mask`` only, ``fill`` (a
+    constant) elsewhere; on every row (``evaluate(slice(None))``) when ``mask`` is ``None`` or all true."""
+    if mask is None or bool(mask.all()):
+        return evaluate(slice(None))
+    index = mask.nonzero().squeeze(1)
+    selected = evaluate(index)
+    return th.full((len(mask),), fill, dtype=selected.dtype, device=selected.device).index_put((index,), selected)
 
 
 def concatenate_observations(parts: list[PyTorchObs], obs_shape: Any) -> PyTorchObs:
@@ -124,22 +134,23 @@ class BilevelRollout:
         """The critic's values of ``value_inputs`` ``(n_value_rows,)``. With ``reach``, only the rows the TD errors at
         those steps need are evaluated (:meth:`value_rows`); the others are zeros, constants that no minibatch sum
         whose steps lie in ``reach`` reads."""
-        if reach is None or bool(reach.all()):
-            return predict_values(self.value_inputs).flatten()
-        index = self.value_rows(reach).nonzero().squeeze(1)
-        selected = predict_values(select_observations(self.value_inputs, index)).flatten()
-        return selected.new_zeros(self.n_value_rows).index_put((index,), selected)
+        return _on_rows(
+            None if reach is None else self.value_rows(reach),
+            lambda rows: predict_values(select_observations(self.value_inputs, rows)).flatten(),
+            fill=0.0,
+        )
 
     def ratios(self, log_prob: Callable[[PyTorchObs, th.Tensor], th.Tensor], reach: th.Tensor | None) -> th.Tensor:
         """``π_θ / π_old`` ``(n_envs, n_steps)`` from ``log_prob(observations, actions)`` (graph to θ). With ``reach``,
         only at those steps; elsewhere 1, a constant (no change from the rollout policy)."""
-        if reach is None or bool(reach.all()):
-            return th.exp(log_prob(self.observations, self.actions) - self.old_log_prob).view(self.n_envs, self.n_steps)
-        index = reach.flatten().nonzero().squeeze(1)
-        selected = th.exp(
-            log_prob(select_observations(self.observations, index), self.actions[index]) - self.old_log_prob[index]
+        ratios = _on_rows(
+            None if reach is None else reach.flatten(),
+            lambda rows: th.exp(
+                log_prob(select_observations(self.observations, rows), self.actions[rows]) - self.old_log_prob[rows]
+            ),
+            fill=1.0,
         )
-        return th.ones_like(self.old_log_prob).index_put((index,), selected).view(self.n_envs, self.n_steps)
+        return ratios.view(self.n_envs, self.n_steps)
 
     def split_values(self, values: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         """Critic outputs on ``value_inputs`` → rollout values ``(n_envs, n_steps)``, last values, terminal values."""
