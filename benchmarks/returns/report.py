@@ -38,9 +38,10 @@ ZOO_PPO_REFERENCE = {
 BOOTSTRAP_REPS = 2000
 #: Section 1 of the suite: the variants a user chooses between (the others are studies and history).
 MAIN_REPORT_VARIANTS = ("ppo", "blpo", "blpo_nested", "blpo_authors", "blpo_dropin")
-#: matplotlib's tab10, then the light shades of tab20 (the suite has more than ten variants).
+#: matplotlib's tab10, the light shades of tab20, then dark shades of tab20b (the suite has more than ten variants).
 _PALETTE = [f"C{index}" for index in range(10)]
 _PALETTE += ["#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#c7c7c7"]
+_PALETTE += ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
 #: One colour per variant in every figure, no two alike, in the order of suite.LABELS; the drop-in, a main variant,
 #: swaps with a history variant for a strong colour.
 COLORS = {variant: _PALETTE[index] for index, variant in enumerate(LABELS)}
