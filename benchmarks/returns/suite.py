@@ -16,7 +16,7 @@ parallelise (``--jobs``) and use exactly the configs users get:
 * ``ppo_defaults`` / ``blpo_defaults`` / ``blpo_defaults_b64``: no config at all, the constructors' defaults (what
   ``PPO("MlpPolicy", env)`` and ``BLPO("MlpPolicy", env)`` give; the last with BLPO's former ``batch_size=64``);
   ``blpo_defaults_lr6e-4`` / ``blpo_defaults_lr1e-3``: BLPO's defaults with a larger actor learning rate (candidates
-  for the default with minibatches of 512);
+  for the default with minibatches of 512); ``blpo_defaults_clr3e-3``: the same with a larger critic learning rate;
 * ``ppo``: rl-zoo3's own ``ppo.yml`` entry (its ``-v4`` entry for the MuJoCo ``-v5`` envs, which zoo lacks);
 * history, the defaults before the improvement form (plain surrogate, Hessian curvature): ``blpo_distribution``
   (distribution coupling, the default before it), ``blpo_target`` / ``blpo_cg_target`` (target coupling, the default
@@ -99,6 +99,7 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "blpo_defaults_b64": ("blpo", CONSTRUCTOR_DEFAULTS, ["batch_size:64"]),
     "blpo_defaults_lr6e-4": ("blpo", CONSTRUCTOR_DEFAULTS, ["learning_rate:6e-4"]),
     "blpo_defaults_lr1e-3": ("blpo", CONSTRUCTOR_DEFAULTS, ["learning_rate:1e-3"]),
+    "blpo_defaults_clr3e-3": ("blpo", CONSTRUCTOR_DEFAULTS, ["critic_learning_rate:3e-3"]),
     "blpo_coupled_follower": ("blpo", None, ["follower_objective:'coupled'"]),
     "blpo_mse_follower": ("blpo", None, ["follower_objective:'mse'"]),
     "blpo_columns": ("blpo", None, [f"ihvp_kwargs:dict({_COLUMNS})", "follower_objective:'coupled'"]),
@@ -129,6 +130,7 @@ LABELS = {
     "blpo_defaults_b64": 'BLPO("MlpPolicy", env, batch_size=64) (the default before batch 512)',
     "blpo_defaults_lr6e-4": 'BLPO("MlpPolicy", env, learning_rate=6e-4)',
     "blpo_defaults_lr1e-3": 'BLPO("MlpPolicy", env, learning_rate=1e-3)',
+    "blpo_defaults_clr3e-3": 'BLPO("MlpPolicy", env, critic_learning_rate=3e-3)',
     "blpo_distribution": "BLPO, surrogate + distribution coupling (previous default)",
     "blpo_target": "BLPO (Nyström), target coupling",
     "blpo_cg_target": "BLPO (CG), target coupling",
