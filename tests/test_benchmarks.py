@@ -70,7 +70,8 @@ def test_sample_reuse_study_reads_update_statistics_and_reports(tmp_path: Path) 
     script = str(BENCHMARKS / "returns" / "sample_reuse.py")
     args = ["--envs", "Pendulum-v1", "--epochs", "1", "--seeds", "0", "--steps", "8192", "--evals", "1"]
     args += ["--eval-episodes", "1", "--jobs", "2", "--out", str(tmp_path / "out")]
-    assert "3 runs to do" in run_script(script, *args)
+    assert "1 runs to do" in run_script(script, *args, "--methods", "ppo")  # one method alone
+    assert "2 runs to do" in run_script(script, *args)  # the others; PPO's finished run is skipped
     for method in ("ppo", "blpo_nested", "blpo"):
         stats = json.loads((tmp_path / "out" / "stats" / "Pendulum-v1" / f"reuse_{method}_e1_c0.2" / "seed0.json").read_text())
         assert 0.0 < stats["approx_kl"] < 1.0 and 0.0 <= stats["clip_fraction"] <= 1.0  # read back from TensorBoard

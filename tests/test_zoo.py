@@ -86,10 +86,12 @@ def test_train_mujoco_v5_with_normalization(tmp_path):
 
 def test_optimize_two_trials_then_train_from_a_trial(tmp_path):
     storage = str(tmp_path / "study.log")
+    conf = tmp_path / "conf.yml"  # an entry with policy settings the search does not sample
+    conf.write_text("CartPole-v1:\n  n_timesteps: 256\n  policy: MlpPolicy\n  policy_kwargs: 'dict(ortho_init=False)'\n")
     # fmt: off
     zoo("train", "--algo", "blpo", "--env", "CartPole-v1", "-n", "256", "--optimize", "--n-trials", "2",
         "--storage", storage, "--study-name", "tune", "--no-optim-plots", "--seed", "0", "--num-threads", "1",
-        cwd=tmp_path)
+        "--conf-file", str(conf), cwd=tmp_path)
     # fmt: on
     study = load_study(storage, "tune")
     trials = finished_trials(study)
@@ -102,13 +104,16 @@ def test_optimize_two_trials_then_train_from_a_trial(tmp_path):
     # Train with trial #1's hyperparameters (rl-zoo3 ignores --trial-id 0): the converter rebuilds them.
     # fmt: off
     zoo("train", "--algo", "blpo", "--env", "CartPole-v1", "-n", "256", "--storage", storage, "--study-name", "tune",
-        "--trial-id", "1", *FAST, cwd=tmp_path)
+        "--trial-id", "1", "--conf-file", str(conf), *FAST, cwd=tmp_path)
     # fmt: on
     model = BLPO.load(next((tmp_path / "logs" / "blpo").glob("CartPole-v1_*/CartPole-v1.zip")))
     expected = convert_blpo_params(study.trials[1].params)
     assert model.n_critic_steps == expected["n_critic_steps"]
     assert model.batch_size == expected["batch_size"]
     assert model.ihvp_kwargs == expected["ihvp_kwargs"]
+    # the trial's network, with the entry's ortho_init kept (rl-zoo3 would have replaced the entry's policy_kwargs)
+    assert model.policy_kwargs["net_arch"] == expected["policy_kwargs"]["net_arch"]
+    assert model.policy_kwargs["ortho_init"] is False
 
 
 def test_two_worker_processes_share_one_storage(tmp_path):
@@ -303,6 +308,18 @@ def test_sampler_and_converter(base, expected_keys, absent_keys):
             del hyperparams["ihvp_kwargs"]
         assert converted == hyperparams
         study.tell(trial, 0.0)
+
+
+def test_sampled_policy_kwargs_are_merged_into_the_entrys():
+    """rl-zoo3 would replace the entry's policy_kwargs; the sampler keeps what it does not sample (log_std_init...)."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    base = {"policy_kwargs": {"log_std_init": -2, "ortho_init": False, "net_arch": [7]}}
+    for _ in range(5):
+        trial = study.ask()
+        policy_kwargs = sample_blpo_params(trial, 1, 1, {}, base_hyperparams=base, n_timesteps=10_000)["policy_kwargs"]
+        assert policy_kwargs["log_std_init"] == -2 and policy_kwargs["ortho_init"] is False
+        assert policy_kwargs["net_arch"] == convert_blpo_params(trial.params)["policy_kwargs"]["net_arch"]  # sampled
+    assert base["policy_kwargs"]["net_arch"] == [7]  # the entry itself is untouched
 
 
 def test_sampled_hyperparameters_build_blpo():

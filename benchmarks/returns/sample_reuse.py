@@ -20,6 +20,7 @@ runs are skipped, so the study resumes; ``--shard I/N`` splits it over machines.
 Usage::
 
     python benchmarks/returns/sample_reuse.py --envs Pendulum-v1 --seeds 0 1 2 --jobs 2
+    python benchmarks/returns/sample_reuse.py --envs LunarLander-v3 --methods ppo blpo_nested --seeds 1 2
     python benchmarks/returns/sample_reuse.py --report          # table, docs/data/sample_reuse.csv, docs/img/...
 """
 
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--epochs", nargs="+", type=int, default=list(EPOCHS))
     parser.add_argument("--clip-ranges", nargs="+", type=float, default=list(CLIP_RANGES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     parser.add_argument("--steps", type=int, default=None, help="override the cpu profile's steps per run (all envs)")
     parser.add_argument("--evals", type=int, default=10, help="evaluations per run")
     parser.add_argument("--eval-episodes", type=int, default=5)
@@ -237,6 +239,7 @@ def main() -> None:
         report(args)
         return
     settings = register_variants(tuple(args.epochs), tuple(args.clip_ranges), args.out)
+    settings = [setting for setting in settings if setting[1] in args.methods]
     jobs = [job for job in select_shard(run_list(args, settings), args.shard) if not finished(args, *job[:3])]
     print(f"{len(jobs)} runs to do", flush=True)
     suite.run_jobs(jobs, args, run)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
+import rl_zoo3.exp_manager
 from rl_zoo3.exp_manager import ExperimentManager
 from rl_zoo3.hyperparams_opt import HYPERPARAMS_SAMPLER
 from rl_zoo3.utils import ALGOS, SimpleLinearSchedule
@@ -25,7 +26,7 @@ from sb3_blpo.zoo.configs import (
     select_entry,
 )
 from sb3_blpo.zoo.errors import ZooInputError
-from sb3_blpo.zoo.hyperparams_opt import sample_blpo_params
+from sb3_blpo.zoo.hyperparams_opt import merge_policy_kwargs, sample_blpo_params
 from sb3_blpo.zoo.storage import (
     HEARTBEAT_INTERVAL_S,
     WORKER_ATTR,
@@ -68,7 +69,8 @@ class CheckedExperimentManager(ExperimentManager):
       than BLPO's rollout raise :class:`~sb3_blpo.zoo.errors.ZooInputError` before anything is built.
     * ``critic_learning_rate: lin_<x>`` becomes a linear schedule, as rl-zoo3 does for ``learning_rate``.
     * Tuning uses :func:`~sb3_blpo.zoo.hyperparams_opt.sample_blpo_params` with the config entry and the trial budget
-      bound, and tags each trial with the ``worker`` that ran it (``host:pid``, and its PID namespace as
+      bound (the trial's ``policy_kwargs`` are merged into the entry's, and ``--trial-id`` merges them the same way),
+      and tags each trial with the ``worker`` that ran it (``host:pid``, and its PID namespace as
       ``worker_pidns``), so that a launcher can tell a dead worker's trials from a live one's.
     * On a database storage, a running trial records a heartbeat every :attr:`heartbeat_interval` seconds; a trial
       whose heartbeat stopped is failed as stale (see :func:`sb3_blpo.zoo.storage.open_storage`).
@@ -77,6 +79,8 @@ class CheckedExperimentManager(ExperimentManager):
     """
 
     _config_entry: str | None = None
+    #: The yaml entry's ``policy_kwargs`` as written (a string that rl-zoo3 evaluates, or a mapping); None: none.
+    _entry_policy_kwargs: Any = None
     #: Seconds between the heartbeats of a running trial on a database storage (None: no heartbeat).
     heartbeat_interval: int | None = HEARTBEAT_INTERVAL_S
 
@@ -94,7 +98,27 @@ class CheckedExperimentManager(ExperimentManager):
         if self.config.endswith((".yml", ".yaml")):
             config = read_yaml_config(self.config)
             self._config_entry = select_entry(config, self.env_name.gym_id, self.config, is_atari=self._is_atari)
+            self._entry_policy_kwargs = config[self._config_entry].get("policy_kwargs")
         return super().read_hyperparameters()
+
+    def load_trial(self, storage: str, study_name: str, trial_id: int | None = None, convert: bool = True) -> dict[str, Any]:
+        """
+        rl-zoo3's ``--trial-id`` loader; for BLPO the trial's ``policy_kwargs`` are merged into the entry's, as they were
+        when the trial ran (rl-zoo3 would replace the entry's, dropping e.g. its ``log_std_init``).
+
+        :param storage: the study's storage
+        :param study_name: the study's name
+        :param trial_id: the trial (None: the best)
+        :param convert: convert the sampled parameters to hyperparameters
+        :return: the trial's hyperparameters
+        """
+        hyperparams = super().load_trial(storage, study_name, trial_id, convert)
+        if convert and issubclass(ALGOS[self.algo], BLPO) and "policy_kwargs" in hyperparams:
+            entry = self._entry_policy_kwargs
+            if isinstance(entry, str):  # evaluated as rl-zoo3 evaluates it (its module namespace: nn, ...)
+                entry = eval(entry, dict(vars(rl_zoo3.exp_manager)))
+            hyperparams["policy_kwargs"] = merge_policy_kwargs(entry, hyperparams["policy_kwargs"])
+        return hyperparams
 
     def _preprocess_hyperparams(
         self, hyperparams: dict[str, Any]

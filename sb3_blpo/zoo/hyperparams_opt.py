@@ -11,6 +11,11 @@ updates within its ``n_timesteps``.
 BLPO's own hyperparameters: ``n_critic_steps``, the critic learning rate (as a ratio to the actor's, which the authors
 fix at 4), the Nyström rank and ρ (only when the config's ``ihvp_solver`` is Nyström), and ``hypergrad_bound`` (not
 when ``ihvp_solver`` is ``None``).
+
+The sampled ``policy_kwargs`` (``net_arch``, ``activation_fn``) are merged into the config entry's instead of replacing
+them, as the sampled ``ihvp_kwargs`` are: rl-zoo3 replaces the whole dict, which silently drops an entry's
+``log_std_init``, ``ortho_init`` and the like (on the MuJoCo entries, ``log_std_init=-2`` back to 0). ``--trial-id``
+merges the same way (:func:`merge_policy_kwargs`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,17 @@ def _max_n_steps_pow(n_envs: int, n_timesteps: int | None) -> int:
         return MAX_N_STEPS_POW
     budget = n_timesteps / (MIN_UPDATES_PER_TRIAL * max(n_envs, 1))
     return min(MAX_N_STEPS_POW, max(MIN_N_STEPS_POW, math.floor(math.log2(max(budget, 1.0)))))
+
+
+def merge_policy_kwargs(entry: Mapping[str, Any] | None, sampled: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The policy keyword arguments of a trial: the config entry's, with the sampled ones in place of theirs.
+
+    :param entry: the entry's ``policy_kwargs`` (``None``: it has none)
+    :param sampled: the trial's ``policy_kwargs``
+    :return: the merged keyword arguments
+    """
+    return {**dict(entry or {}), **sampled}
 
 
 def convert_blpo_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
@@ -78,8 +94,8 @@ def sample_blpo_params(
     :param n_actions: action dimension (unused; part of rl-zoo3's sampler signature)
     :param n_envs: number of training environments of the config entry
     :param additional_args: rl-zoo3's extra arguments (unused)
-    :param base_hyperparams: the config entry being tuned (its ``ihvp_solver`` and ``ihvp_kwargs`` decide which solver
-        settings are sampled; sampled ``ihvp_kwargs`` are merged into the config's)
+    :param base_hyperparams: the config entry being tuned, preprocessed (its ``ihvp_solver`` and ``ihvp_kwargs`` decide
+        which solver settings are sampled; sampled ``ihvp_kwargs`` and ``policy_kwargs`` are merged into the config's)
     :param n_timesteps: the training budget of one trial (caps the rollout length); ``None``: no cap
     :return: hyperparameters for the BLPO constructor
     """
@@ -113,6 +129,7 @@ def sample_blpo_params(
     del hyperparams["n_envs"]  # the trial runs with the config's n_envs; it is recorded for --trial-id only
     if "ihvp_kwargs" in hyperparams:
         hyperparams["ihvp_kwargs"] = {**dict(base.get("ihvp_kwargs") or {}), **hyperparams["ihvp_kwargs"]}
+    hyperparams["policy_kwargs"] = merge_policy_kwargs(base.get("policy_kwargs"), hyperparams["policy_kwargs"])
     # Display the true values in the study, as rl-zoo3's samplers do.
     for key in ("gamma", "gae_lambda", "n_steps", "batch_size", "critic_learning_rate"):
         trial.set_user_attr(key, hyperparams[key])
