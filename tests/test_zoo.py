@@ -31,6 +31,11 @@ MUJOCO_V5 = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v
 BLPO_ENTRIES = ("CartPole-v1", "Acrobot-v1", "LunarLander-v3", "Pendulum-v1", "MountainCarContinuous-v0", *MUJOCO_V5)
 
 
+def is_tuned_entry(env_id: str) -> bool:
+    """Whether blpo.yml marks the env's entry ``TUNED`` (its shape comes from a study, not from the rules of thumb)."""
+    return f"{env_id}:  # TUNED" in config_path("blpo").read_text()
+
+
 def zoo(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m sb3_blpo.zoo ARGS`` in ``cwd``; fail the test with its output when ``check`` and it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
@@ -229,7 +234,7 @@ def test_every_blpo_entry_builds(tmp_path, workdir, env_id):
         assert isinstance(model, BLPO)
         rollout = model.n_steps * model.n_envs
         assert model.n_epochs <= 10
-        if f"{env_id}:  # TUNED" in config_path("blpo").read_text():
+        if is_tuned_entry(env_id):
             assert model.batch_size >= rollout // 16  # the search space: at most 16 minibatches per epoch
         else:
             assert model.batch_size >= min(256, rollout)  # fewer, larger minibatches than PPO
@@ -253,7 +258,7 @@ def test_every_blpo_authors_entry_is_the_recipe_on_the_envs_rollout(tmp_path, wo
             if key != "policy_kwargs":
                 assert getattr(model, key) == value or getattr(model, key)(1.0) == value, key
         assert model.policy.optimizer.defaults["eps"] == 1e-5
-        if f"{env_id}:  # TUNED" in config_path("blpo").read_text():
+        if is_tuned_entry(env_id):
             # A tuned entry has its own shape; the recipe keeps the one of rl-zoo3's PPO entry it was tuned from.
             zoo_ppo = yaml.safe_load((Path(rl_zoo3.__file__).parent / "hyperparams" / "ppo.yml").read_text())
             base = zoo_ppo[env_id.replace("-v5", "-v4")]  # zoo has -v4 MuJoCo entries only

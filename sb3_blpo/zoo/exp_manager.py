@@ -26,7 +26,7 @@ from sb3_blpo.zoo.configs import (
     select_entry,
 )
 from sb3_blpo.zoo.errors import ZooInputError
-from sb3_blpo.zoo.hyperparams_opt import merge_policy_kwargs, sample_blpo_params
+from sb3_blpo.zoo.hyperparams_opt import merge_kwargs, sample_blpo_params
 from sb3_blpo.zoo.storage import (
     HEARTBEAT_INTERVAL_S,
     WORKER_ATTR,
@@ -117,7 +117,7 @@ class CheckedExperimentManager(ExperimentManager):
             entry = self._entry_policy_kwargs
             if isinstance(entry, str):  # evaluated as rl-zoo3 evaluates it (its module namespace: nn, ...)
                 entry = eval(entry, dict(vars(rl_zoo3.exp_manager)))
-            hyperparams["policy_kwargs"] = merge_policy_kwargs(entry, hyperparams["policy_kwargs"])
+            hyperparams["policy_kwargs"] = merge_kwargs(entry, hyperparams["policy_kwargs"])
         return hyperparams
 
     def _preprocess_hyperparams(

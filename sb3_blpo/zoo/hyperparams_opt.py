@@ -15,7 +15,7 @@ when ``ihvp_solver`` is ``None``).
 The sampled ``policy_kwargs`` (``net_arch``, ``activation_fn``) are merged into the config entry's instead of replacing
 them, as the sampled ``ihvp_kwargs`` are: rl-zoo3 replaces the whole dict, which silently drops an entry's
 ``log_std_init``, ``ortho_init`` and the like (on the MuJoCo entries, ``log_std_init=-2`` back to 0). ``--trial-id``
-merges the same way (:func:`merge_policy_kwargs`).
+merges the same way (:func:`merge_kwargs`).
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ def _max_n_steps_pow(n_envs: int, n_timesteps: int | None) -> int:
     return min(MAX_N_STEPS_POW, max(MIN_N_STEPS_POW, math.floor(math.log2(max(budget, 1.0)))))
 
 
-def merge_policy_kwargs(entry: Mapping[str, Any] | None, sampled: Mapping[str, Any]) -> dict[str, Any]:
+def merge_kwargs(entry: Mapping[str, Any] | None, sampled: Mapping[str, Any]) -> dict[str, Any]:
     """
-    The policy keyword arguments of a trial: the config entry's, with the sampled ones in place of theirs.
+    A trial's keyword-argument dict (``policy_kwargs``, ``ihvp_kwargs``): the config entry's, with the sampled keys in
+    place of theirs.
 
-    :param entry: the entry's ``policy_kwargs`` (``None``: it has none)
-    :param sampled: the trial's ``policy_kwargs``
+    :param entry: the entry's dict (``None``: it has none)
+    :param sampled: the trial's dict
     :return: the merged keyword arguments
     """
     return {**dict(entry or {}), **sampled}
@@ -127,9 +128,9 @@ def sample_blpo_params(
 
     hyperparams = convert_blpo_params(sampled)
     del hyperparams["n_envs"]  # the trial runs with the config's n_envs; it is recorded for --trial-id only
-    if "ihvp_kwargs" in hyperparams:
-        hyperparams["ihvp_kwargs"] = {**dict(base.get("ihvp_kwargs") or {}), **hyperparams["ihvp_kwargs"]}
-    hyperparams["policy_kwargs"] = merge_policy_kwargs(base.get("policy_kwargs"), hyperparams["policy_kwargs"])
+    for key in ("ihvp_kwargs", "policy_kwargs"):
+        if key in hyperparams:
+            hyperparams[key] = merge_kwargs(base.get(key), hyperparams[key])
     # Display the true values in the study, as rl-zoo3's samplers do.
     for key in ("gamma", "gae_lambda", "n_steps", "batch_size", "critic_learning_rate"):
         trial.set_user_attr(key, hyperparams[key])
