@@ -144,6 +144,7 @@ def test_walltime_reports_ratios_and_update_shares(tmp_path: Path) -> None:
     run_script(str(BENCHMARKS / "cost" / "walltime.py"), *args, "--rounds", "1", "--out", str(out))
     result = json.loads(out.read_text())["results"]["CartPole-v1"]["identical"]
     assert result["overrides"]["blpo"]["n_epochs"] == 20  # PPO's zoo entry, applied to BLPO
+    assert result["overrides"]["blpo"]["policy_kwargs"] == "dict()"  # zoo's entry has none: SB3's default networks
     blpo = result["variants"]["blpo"]
     assert blpo["median_ratio"] > 0 and result["variants"]["ppo"]["median_ratio"] == 1.0
     assert blpo["median_cpu_ratio"] > 0 and result["variants"]["ppo"]["median_cpu_ratio"] == 1.0
@@ -240,3 +241,39 @@ def test_every_suite_variant_has_its_own_colour(monkeypatch: pytest.MonkeyPatch)
     report = _load(BENCHMARKS / "returns" / "report.py")
     assert set(report.COLORS) == set(report.LABELS)
     assert len(set(report.COLORS.values())) == len(report.COLORS)
+
+
+def _tuned_envs() -> list[str]:
+    """The env ids whose ``blpo.yml`` entry is marked ``TUNED`` (they carry solver settings of their own)."""
+    text = (REPO / "zoo_hyperparams" / "blpo.yml").read_text()
+    return re.findall(r"^([\w-]+):  # TUNED", text, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("env_id", _tuned_envs())
+def test_solver_ablations_build_on_every_tuned_entry(env_id: str, tmp_path: Path) -> None:
+    """Nested-only and CG replace a tuned entry's Nyström settings (rank, rho) rather than fail on them."""
+    import argparse
+
+    from sb3_blpo.zoo.cli import register
+    from sb3_blpo.zoo.exp_manager import CheckedExperimentManager
+
+    walltime = _load(BENCHMARKS / "cost" / "walltime.py")
+    register()
+    for variant, solver in (("blpo", "nystrom"), ("blpo_nested", None), ("blpo_cg", "cg")):
+        manager = CheckedExperimentManager(
+            argparse.Namespace(),
+            "blpo",
+            env_id,
+            str(tmp_path / "logs"),
+            n_timesteps=64,
+            eval_freq=-1,
+            seed=0,
+            hyperparams=walltime.overrides_for(variant, "recommended", env_id, tmp_path),
+            config=walltime.config_for(variant, tmp_path, "recommended"),
+            verbose=0,
+            log_interval=-1,
+        )
+        model, _ = manager.setup_experiment()
+        assert model.ihvp_solver == solver
+        assert (model.ihvp_kwargs == {}) == (variant != "blpo"), model.ihvp_kwargs
+        model.env.close()

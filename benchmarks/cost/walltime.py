@@ -8,7 +8,8 @@ round, so slow drifts of the machine cancel. Three comparisons per env:
 - ``recommended``: each with its own config (PPO: rl-zoo3's ppo.yml, ``-v4`` entry for ``-v5``; BLPO:
   zoo_hyperparams/blpo.yml);
 - ``identical``: the BLPO variants with PPO's ``n_envs``, ``n_steps``, ``batch_size``, ``n_epochs`` and
-  ``policy_kwargs`` (BLPO keeps its critic learning rate, nested steps and IHVP settings);
+  ``policy_kwargs`` (SB3's default networks where PPO's entry sets none; BLPO keeps its critic learning rate,
+  nested steps and IHVP settings);
 - ``defaults``: no config at all, each constructor's defaults on one env copy (``PPO("MlpPolicy", env)`` against
   ``BLPO("MlpPolicy", env)``).
 
@@ -94,6 +95,8 @@ def overrides_for(variant: str, comparison: str, env_id: str, out: Path) -> dict
         overrides.update({key: entry[key] for key in IDENTICAL_KEYS if key in entry})
         overrides.setdefault("n_envs", 1)
         overrides.setdefault("batch_size", 64)  # SB3's PPO default where zoo's entry has none
+        # PPO's networks: SB3's default where zoo's entry has none (a tuned BLPO entry may set its own).
+        overrides.setdefault("policy_kwargs", "dict()")
     return overrides
 
 

@@ -8,9 +8,10 @@ parallelise (``--jobs``) and use exactly the configs users get:
 * ``blpo_coupled_follower`` / ``blpo_mse_follower``: the same with ``follower_objective`` pinned;
 * ``blpo_columns`` / ``blpo_columns_rollout_adv``: the coupled follower with the plain column-sampling Nyström (no
   refinement), the solver before the refinement; the second with ``actor_advantages="rollout"``;
-* ``blpo_nested``: the same entry with ``ihvp_solver=None`` (nested critic steps, plain actor gradient: the ablation);
+* ``blpo_nested``: the same entry with ``ihvp_solver=None`` and no solver settings (nested critic steps, plain actor
+  gradient: the ablation);
 * ``blpo_rollout_adv``: the same entry with ``actor_advantages="rollout"``;
-* ``blpo_cg``: the same entry with ``ihvp_solver="cg"``;
+* ``blpo_cg``: the same entry with ``ihvp_solver="cg"`` and CG's default settings;
 * ``blpo_authors``: the authors' recipe, ``zoo_hyperparams/blpo_authors.yml``;
 * ``blpo_dropin``: PPO's rl-zoo3 entry with the algorithm swapped (``vf_coef`` removed, which BLPO refuses);
 * ``ppo_defaults`` / ``blpo_defaults`` / ``blpo_defaults_b64``: no config at all, the constructors' defaults (what
@@ -86,11 +87,13 @@ DROP_IN = "ppo_zoo_dropin"  # PPO's rl-zoo3 entry with the algorithm swapped (se
 CONSTRUCTOR_DEFAULTS = "constructor_defaults"  # no hyperparameter at all: the algorithm's own defaults, one env
 _COLUMNS = "sketch='columns', pcg_steps=0"  # the plain column-sampling Nyström (the solver before the refinement)
 _SURROGATE_HESSIAN = ["leader_objective:'surrogate'", f"ihvp_kwargs:dict(curvature='hessian', {_COLUMNS})"]
+# Another solver (or none) replaces the entry's solver settings too: tuned entries set Nyström's rank and rho.
+_SOLVER_DEFAULTS = "ihvp_kwargs:{}"
 VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "blpo": ("blpo", None, []),
-    "blpo_nested": ("blpo", None, ["ihvp_solver:None"]),
+    "blpo_nested": ("blpo", None, ["ihvp_solver:None", _SOLVER_DEFAULTS]),
     "blpo_rollout_adv": ("blpo", None, ["actor_advantages:'rollout'"]),
-    "blpo_cg": ("blpo", None, ["ihvp_solver:'cg'"]),
+    "blpo_cg": ("blpo", None, ["ihvp_solver:'cg'", _SOLVER_DEFAULTS]),
     "blpo_authors": ("blpo", "blpo_authors", []),
     "ppo": ("ppo", None, []),
     "blpo_dropin": ("blpo", DROP_IN, []),

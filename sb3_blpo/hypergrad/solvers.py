@@ -434,7 +434,10 @@ def make_solver(name: str | IHVPSolver | None, **kwargs: Any) -> IHVPSolver | No
     """
     if name is None:
         if kwargs:
-            raise ValueError(f"make_solver(None) takes no solver arguments, got {sorted(kwargs)}")
+            raise ValueError(
+                f"make_solver(None) (no IHVP: nested-only) takes no solver arguments, got {sorted(kwargs)}; "
+                "drop them, e.g. ihvp_kwargs={} with ihvp_solver=None"
+            )
         return None
     if isinstance(name, IHVPSolver):
         if kwargs:
