@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _zoo_entries import tuned_blpo_entries
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -243,13 +244,7 @@ def test_every_suite_variant_has_its_own_colour(monkeypatch: pytest.MonkeyPatch)
     assert len(set(report.COLORS.values())) == len(report.COLORS)
 
 
-def _tuned_envs() -> list[str]:
-    """The env ids whose ``blpo.yml`` entry is marked ``TUNED`` (they carry solver settings of their own)."""
-    text = (REPO / "zoo_hyperparams" / "blpo.yml").read_text()
-    return re.findall(r"^([\w-]+):  # TUNED", text, flags=re.MULTILINE)
-
-
-@pytest.mark.parametrize("env_id", _tuned_envs())
+@pytest.mark.parametrize("env_id", tuned_blpo_entries())
 def test_solver_ablations_build_on_every_tuned_entry(env_id: str, tmp_path: Path) -> None:
     """Nested-only and CG replace a tuned entry's Nyström settings (rank, rho) rather than fail on them."""
     import argparse

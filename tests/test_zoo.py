@@ -17,6 +17,7 @@ import optuna
 import pytest
 import rl_zoo3
 import yaml
+from _zoo_entries import is_tuned_entry
 
 from sb3_blpo import BLPO
 from sb3_blpo.zoo import config_path, main, register
@@ -29,11 +30,6 @@ FAST = ["--num-threads", "1", "--eval-freq", "-1"]
 MUJOCO_V5 = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5")
 # The env ids of blpo.yml; "default" is exercised through an env without an entry.
 BLPO_ENTRIES = ("CartPole-v1", "Acrobot-v1", "LunarLander-v3", "Pendulum-v1", "MountainCarContinuous-v0", *MUJOCO_V5)
-
-
-def is_tuned_entry(env_id: str) -> bool:
-    """Whether blpo.yml marks the env's entry ``TUNED`` (its shape comes from a study, not from the rules of thumb)."""
-    return f"{env_id}:  # TUNED" in config_path("blpo").read_text()
 
 
 def zoo(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
