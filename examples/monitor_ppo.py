@@ -123,8 +123,9 @@ def main() -> None:
     env = gym.make("sb3_blpo/PermutedCartPole-v0", steps_per_task=args.task_length, schedule_seed=args.seed)
     model = PPO("MlpPolicy", env, n_steps=1024, batch_size=64, seed=args.seed, tensorboard_log=args.logdir, verbose=1)
     # Default cadence: Hessian spectrum every 20 rollouts and at every task start, feature ranks every rollout; the
-    # rollouts here are short (1024 steps), so measure the spectrum more often than the default.
-    monitor = PlasticityMonitor(every_n_rollouts=5)
+    # rollouts here are short (1024 steps), so measure the spectrum more often than the default. The density figures
+    # (IMAGES tab) are opt-in.
+    monitor = PlasticityMonitor(every_n_rollouts=5, hessian_kwargs={"log_density_figure": True})
     model.learn(args.timesteps, callback=monitor, tb_log_name="PPO")
 
     for record in monitor.trainability.history:

@@ -48,7 +48,6 @@ CALLBACKS = {
 }
 MONITORS = ("PlasticityMonitor", "HessianSpectrumCallback", "FeatureRankCallback", "TrainabilityCallback")
 TRAINING = ("PlasticityRegularizer", "ShrinkAndPerturb", "ReDo")
-RECURRENT = "recurrent policies"
 LINE_SEARCH = "TRPO (its actor step is a line search"
 #: algorithm → {callback: None (supported) or a fragment of the refusal message}
 EXPECTED: dict[str, dict[str, str | None]] = {
@@ -58,8 +57,8 @@ EXPECTED: dict[str, dict[str, str | None]] = {
     "MaskablePPO": dict.fromkeys(CALLBACKS),
     "TRPO": {**dict.fromkeys(MONITORS), **dict.fromkeys(TRAINING, LINE_SEARCH), "HeadReset": None},
     "RecurrentPPO": {
-        **dict.fromkeys(MONITORS, RECURRENT),
-        **dict.fromkeys(TRAINING, "RecurrentPPO (its losses need LSTM states"),
+        **dict.fromkeys(MONITORS),
+        **dict.fromkeys(TRAINING, "RecurrentPPO (its update runs on padded LSTM sequences"),
         "HeadReset": None,  # it only re-draws the heads' weights: no loss, no optimizer step involved
     },
 }

@@ -55,6 +55,9 @@ INVALID = {
     "ihvp_kwargs of another solver": (dict(ihvp_solver="cg", ihvp_kwargs=dict(rank=3)), "rank"),
     "ihvp_kwargs without solver": (dict(ihvp_solver=None, ihvp_kwargs=dict(rank=3)), "rank"),
     "ihvp_kwargs with solver instance": (dict(ihvp_solver=NystromSolver(), ihvp_kwargs=dict(rank=3)), "rank"),
+    "unknown nystrom sketch": (dict(ihvp_kwargs=dict(sketch="rows")), "sketch"),
+    "nystrom pcg_steps negative": (dict(ihvp_kwargs=dict(pcg_steps=-1)), "pcg_steps"),
+    "nystrom pcg_steps non-integer": (dict(ihvp_kwargs=dict(pcg_steps=1.5)), "pcg_steps"),
     "cg max_iter zero": (dict(ihvp_solver="cg", ihvp_kwargs=dict(max_iter=0)), "max_iter"),
     "neumann alpha negative": (dict(ihvp_solver="neumann", ihvp_kwargs=dict(alpha=-0.1)), "alpha"),
     "share_features_extractor": (

@@ -74,7 +74,9 @@ def _events(folder: str) -> EventAccumulator:
 def test_dashboards_are_written_to_tensorboard_and_text_formats_stay_clean(algo, tmp_path):
     model = _make_model(algo)
     model.set_logger(configure(str(tmp_path), ["stdout", "csv", "tensorboard"]))
-    monitor = PlasticityMonitor(every_n_rollouts=2, hessian_kwargs=FAST_SPECTRUM, feature_kwargs=dict(n_samples=64))
+    monitor = PlasticityMonitor(
+        every_n_rollouts=2, hessian_kwargs=dict(FAST_SPECTRUM, log_density_figure=True), feature_kwargs=dict(n_samples=64)
+    )
     model.learn(4 * 64, callback=monitor, log_interval=1)
 
     events = _events(str(tmp_path))
@@ -452,6 +454,17 @@ def test_console_gets_three_monitor_keys_by_default(text_logs, at_most, tmp_path
         assert len(columns) > 40 and "hessian/critic/trace" in columns
     # TensorBoard gets the full set either way.
     assert "hessian/critic/trace" in _events(str(tmp_path)).Tags()["scalars"]
+
+
+def test_density_figure_is_opt_in(tmp_path):
+    """By default the monitor logs the Ritz values (a cheap histogram) and no matplotlib figure."""
+    model = _make_model("PPO")
+    model.set_logger(configure(str(tmp_path), ["tensorboard"]))
+    assert HessianSpectrumCallback().log_density_figure is False
+    model.learn(2 * 64, callback=PlasticityMonitor(every_n_rollouts=1, hessian_kwargs=FAST_SPECTRUM), log_interval=1)
+    tags = _events(str(tmp_path)).Tags()
+    assert {"hessian/actor/ritz", "hessian/critic/ritz"} <= set(tags["histograms"])
+    assert not [tag for tag in tags["images"] if tag.startswith("hessian/")]
 
 
 def test_task_start_spectrum_reaches_tensorboard_at_its_own_step(tmp_path):

@@ -18,7 +18,7 @@ Values recorded at a task start that is not a dump rollout are written at the ne
 Logged keys (scalars are Python floats; histograms and figures go to TensorBoard only):
 
 * ``hessian/<group>/{lambda_max, lambda_min, neg_mass, trace, trace_ci, eps_rank_<ε>, eps_rank_lo_<ε>,
-  eps_rank_hi_<ε>}``, ``hessian/<group>/ritz`` (histogram), ``hessian/<group>/density`` (figure), ``hessian/seconds``;
+  eps_rank_hi_<ε>}``, ``hessian/<group>/ritz`` (histogram), ``hessian/<group>/density`` (figure, opt-in), ``hessian/seconds``;
   ``<group>`` is ``actor``, ``critic`` or ``joint``;
 * ``plasticity/<layer>/{erank, srank, approx_rank, rank, dormant, feat_norm}`` for layers ``pi0, pi1, …, vf0, …``
   and ``plasticity/<actor|critic>/{weight_norm, dist_init}``;
@@ -369,7 +369,8 @@ class HessianSpectrumCallback(_RolloutMonitor):
     ``lambda_min`` (extreme Ritz values), ``neg_mass`` (fraction of eigenvalues below ``−min(epsilons)``),
     ``trace`` (Hutchinson, from the same probes) with ``trace_ci`` (half-width of its 95% Student-t interval), and
     ``eps_rank_<ε>`` (fraction of eigenvalues with ``|λ| > ε``, from the quadrature nodes and weights). The Ritz values
-    are logged as a histogram and the Gaussian-broadened density as a matplotlib figure (TensorBoard only).
+    are logged as a histogram and, with ``log_density_figure=True``, the Gaussian-broadened density as a matplotlib
+    figure (TensorBoard only).
 
     The losses and parameter groups are those of :class:`~sb3_blpo.common.model_view.OnPolicyModelView`.
 
@@ -381,10 +382,12 @@ class HessianSpectrumCallback(_RolloutMonitor):
     :param lanczos_steps: Lanczos steps per probe (≥ 2); each costs one batched Hessian-vector product.
     :param num_probes: SLQ probes (≥ 1); more probes lower the variance of the ε-ranks and the trace.
     :param epsilons: thresholds ``ε > 0`` of the ε-ranks.
-    :param log_density_figure: log the broadened density as a figure (needs matplotlib).
+    :param log_density_figure: also log the broadened density as a matplotlib figure (TensorBoard *Images*; needs
+        matplotlib). Off by default: the figures and the matplotlib import were about 60% of the default monitor's cost
+        (``docs/monitoring.md``); the Ritz values are still logged as a histogram.
     :param log_ritz_histogram: log the Ritz values as a histogram.
     :param overlay_task_starts: draw the densities of every earlier task start (thin lines) under each density figure,
-        to see the spectrum move from task to task.
+        to see the spectrum move from task to task (turns the density figure on).
     :param actor_objective: ``"auto"`` or an explicit actor objective (see ``OnPolicyModelView``).
     :param min_task_samples: minimum number of new-task transitions in a switch rollout (else: the next rollout).
     :param seed: seed of the subsampling and the probes.
@@ -402,7 +405,7 @@ class HessianSpectrumCallback(_RolloutMonitor):
         lanczos_steps: int = 30,
         num_probes: int = 2,
         epsilons: Sequence[float] = (1e-3, 1e-2, 1e-1),
-        log_density_figure: bool = True,
+        log_density_figure: bool = False,
         log_ritz_histogram: bool = True,
         overlay_task_starts: bool = False,
         actor_objective: str = "auto",
@@ -414,7 +417,7 @@ class HessianSpectrumCallback(_RolloutMonitor):
         super().__init__(every_n_rollouts, on_task_switch, n_samples, min_task_samples, seed, verbose, text_logs)
         self.settings = _SpectrumSettings(parameter_groups, lanczos_steps, num_probes, epsilons, actor_objective)
         self.summary_key = f"hessian/{self.settings.parameter_groups[0]}/lambda_max"
-        self.log_density_figure = bool(log_density_figure)
+        self.log_density_figure = bool(log_density_figure) or bool(overlay_task_starts)
         self.log_ritz_histogram = bool(log_ritz_histogram)
         self.overlay_task_starts = bool(overlay_task_starts)
         self._task_start_densities: dict[str, list[tuple[str, Any, Any]]] = {}
@@ -615,7 +618,7 @@ class FeatureRankCallback(_RolloutMonitor):
     def measure(self, first_step: int = 0) -> dict[str, dict[str, float]]:
         """Feature metrics of every selected layer on the current rollout buffer (also usable outside the cadence)."""
         batch = self._sample(first_step)
-        features = self.access.features(batch.observations, self.layers)
+        features = self.access.features(batch.observations, self.layers, recurrent=batch.recurrent)
         self.latest = {
             layer: feature_metrics(
                 activations,

@@ -43,7 +43,8 @@ def check_training_access(model: Any, who: str) -> OnPolicyModelView:
             f"{who} cannot reach the training loss of {type(model).__name__}: it supports PPO, A2C, MaskablePPO (and "
             "subclasses) and algorithms with add_loss_term/remove_loss_term such as BLPO. Not supported: off-policy "
             "algorithms (SAC, TD3, DQN; no rollout), TRPO (its actor step is a line search that bypasses the optimizer) "
-            "and RecurrentPPO (its losses need LSTM states of whole sequences)."
+            "and RecurrentPPO (its update runs on padded LSTM sequences, which the injected terms and the resets' feature "
+            "reads do not handle; its monitors are supported)."
         )
     try:
         return OnPolicyModelView(model)

@@ -2,7 +2,8 @@
 
 Names: ``pi0, pi1, …`` are the hidden layers of the actor's MLP branch (``mlp_extractor.policy_net``), ``vf0, …``
 those of the critic's (``value_net``); a features extractor with parameters (e.g. NatureCNN) adds ``pi_features`` and
-``vf_features`` (only ``pi_features`` when it is shared, its output feeds both branches).
+``vf_features`` (only ``pi_features`` when it is shared, its output feeds both branches); a recurrent policy
+(sb3-contrib's RecurrentPPO) adds its LSTMs' outputs, ``pi_lstm`` and (with a critic LSTM of its own) ``vf_lstm``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch as th
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
+
+from sb3_blpo.common.rollout import RecurrentStates
 
 
 def hidden_layers_of(network: nn.Module, prefix: str) -> dict[str, nn.Module]:
@@ -37,6 +40,20 @@ def hidden_layers_of(network: nn.Module, prefix: str) -> dict[str, nn.Module]:
     if current is not None:
         layers[f"{prefix}{len(layers)}"] = current
     return layers
+
+
+def is_recurrent_policy(policy: nn.Module) -> bool:
+    """Whether the policy is one of sb3-contrib's recurrent actor-critics (an ``nn.LSTM`` in ``lstm_actor``)."""
+    return isinstance(getattr(policy, "lstm_actor", None), nn.LSTM)
+
+
+def _flat_output(output: Any) -> th.Tensor:
+    """A hidden layer's output as ``(B, d)``; an ``nn.LSTM`` returns ``(sequence, (h, c))`` with the sequence
+    ``(length, n_sequences, hidden)``, listed here sequence by sequence as the policy lists its batch."""
+    if isinstance(output, tuple):
+        sequence = output[0]
+        return sequence.transpose(0, 1).reshape(-1, sequence.shape[-1])
+    return output.reshape(output.shape[0], -1)
 
 
 def branch_of(layer_name: str) -> str:
@@ -72,12 +89,20 @@ class HiddenLayers:
             layers["pi_features"] = pi_extractor
         if vf_extractor is not pi_extractor and any(True for _ in vf_extractor.parameters()):
             layers["vf_features"] = vf_extractor
+        if is_recurrent_policy(self.policy):
+            layers["pi_lstm"] = getattr(self.policy, "lstm_actor")  # noqa: B009 (not an ActorCriticPolicy attribute)
+            if isinstance(critic_lstm := getattr(self.policy, "lstm_critic", None), nn.LSTM):
+                layers["vf_lstm"] = critic_lstm
         layers.update(hidden_layers_of(policy_net, "pi"))
         layers.update(hidden_layers_of(value_net, "vf"))
         return layers
 
     def features(
-        self, observations: PyTorchObs, layer_names: Sequence[str], differentiable: bool = False
+        self,
+        observations: PyTorchObs,
+        layer_names: Sequence[str],
+        differentiable: bool = False,
+        recurrent: RecurrentStates | None = None,
     ) -> dict[str, th.Tensor]:
         """Activations of the named hidden layers on ``observations``, ``(B, d)``, detached unless ``differentiable``.
 
@@ -85,30 +110,48 @@ class HiddenLayers:
 
         :param differentiable: keep the autograd graph (for regularizers that differentiate the features); by default
             the forward pass runs under ``no_grad`` and the features are detached.
+        :param recurrent: the LSTM states and episode starts of the observations (required for recurrent policies,
+            e.g. ``batch.recurrent`` of a :class:`~sb3_blpo.common.rollout.RolloutBatch`).
+        :raises ValueError: for unknown layer names, or a recurrent policy without ``recurrent``.
         """
         available = self.modules()
         unknown = sorted(set(layer_names) - set(available))
         if unknown:
             raise ValueError(f"unknown layer name(s) {unknown}; available: {sorted(available)}")
+        if is_recurrent_policy(self.policy) and recurrent is None:
+            raise ValueError(
+                f"{type(self.policy).__name__} is recurrent: its features need the LSTM states of the observations "
+                "(pass recurrent=batch.recurrent)"
+            )
         captured: dict[str, th.Tensor] = {}
         handles = []
 
         def make_hook(name: str) -> Any:
-            def hook(_module: nn.Module, _inputs: Any, output: th.Tensor) -> None:
-                captured[name] = (output if differentiable else output.detach()).reshape(output.shape[0], -1)
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                flat = _flat_output(output)
+                captured[name] = flat if differentiable else flat.detach()
 
             return hook
 
+        actor = any(branch_of(name) == "actor" for name in layer_names)
+        critic = any(branch_of(name) == "critic" for name in layer_names)
         try:
             for name in layer_names:
                 handles.append(available[name].register_forward_hook(make_hook(name)))
             with th.set_grad_enabled(differentiable and th.is_grad_enabled()):
-                features = self.policy.extract_features(observations)
-                pi_features, vf_features = features if isinstance(features, tuple) else (features, features)
-                if any(branch_of(name) == "actor" for name in layer_names):
-                    self.policy.mlp_extractor.forward_actor(pi_features)
-                if any(branch_of(name) == "critic" for name in layer_names):
-                    self.policy.mlp_extractor.forward_critic(vf_features)
+                if recurrent is not None:  # the recurrent policy's own passes, from the stored LSTM states
+                    policy: Any = self.policy
+                    if actor:
+                        policy.get_distribution(observations, recurrent.actor, recurrent.episode_starts)
+                    if critic:
+                        policy.predict_values(observations, recurrent.critic, recurrent.episode_starts)
+                else:
+                    features = self.policy.extract_features(observations)
+                    pi_features, vf_features = features if isinstance(features, tuple) else (features, features)
+                    if actor:
+                        self.policy.mlp_extractor.forward_actor(pi_features)
+                    if critic:
+                        self.policy.mlp_extractor.forward_critic(vf_features)
         finally:
             for handle in handles:
                 handle.remove()

@@ -15,17 +15,24 @@ the ratio):
   minimise), and 1 for algorithms that train the critic on its own loss with its own optimizer (BLPO: its two losses
   summed, the objective whose gradient is the concatenation of the actor's and the critic's).
 
+Recurrent policies (sb3-contrib's RecurrentPPO) evaluate each transition from the LSTM states stored with it in the
+rollout buffer: the loss *value* is RecurrentPPO's at the current parameters (those states are the ones the current
+LSTM produced), while its derivatives treat the stored states as inputs, i.e. backpropagation through time truncated at
+one step (RecurrentPPO's own update backpropagates through whole padded sequences).
+
 Advantages are normalised over the batch when the algorithm has ``normalize_advantage=True``. The pieces (surrogate,
 entropy, normalisation) are :mod:`sb3_blpo.common.surrogate`'s, shared with BLPO's own update.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch as th
 import torch.nn.functional as F
+from stable_baselines3.common.distributions import Distribution
 from torch import nn
 
 from sb3_blpo.common.parameters import PARAMETER_GROUPS
@@ -33,6 +40,11 @@ from sb3_blpo.common.rollout import RolloutBatch
 from sb3_blpo.common.surrogate import clipped_surrogate, entropy_loss, normalize_advantages
 
 ACTOR_OBJECTIVES: tuple[str, ...] = ("auto", "clipped_surrogate", "policy_gradient", "surrogate")
+
+
+def _without_cudnn() -> contextlib.AbstractContextManager[None]:
+    """cuDNN's LSTM has no double backward (the monitors' Hessian-vector products need it); the native kernels do."""
+    return th.backends.cudnn.flags(enabled=False)
 
 
 def resolve_actor_objective(model: Any) -> str:
@@ -84,12 +96,29 @@ class OnPolicyLosses:
             raise ValueError(f"{type(self.model).__name__} has no clip_range; use actor_objective='surrogate'")
         return float(clip_range(progress_remaining(self.model))) if callable(clip_range) else float(clip_range)
 
+    def distribution(self, batch: RolloutBatch) -> Distribution:
+        """The policy's action distribution on ``batch``, as the algorithm's own loss evaluates it."""
+        if batch.recurrent is not None:  # RecurrentPPO: each transition from the LSTM states stored with it
+            with _without_cudnn():
+                distribution, _ = self.policy.get_distribution(
+                    batch.observations, batch.recurrent.actor, batch.recurrent.episode_starts
+                )
+            return distribution
+        if batch.action_masks is not None:  # MaskablePPO: the distribution over the valid actions of each state
+            return self.policy.get_distribution(batch.observations, action_masks=batch.action_masks.cpu().numpy())
+        return self.policy.get_distribution(batch.observations)
+
+    def values(self, batch: RolloutBatch) -> th.Tensor:
+        """The critic's value predictions on ``batch``, flat."""
+        if batch.recurrent is not None:
+            with _without_cudnn():
+                values = self.policy.predict_values(batch.observations, batch.recurrent.critic, batch.recurrent.episode_starts)
+            return values.flatten()
+        return self.policy.predict_values(batch.observations).flatten()
+
     def actor_loss(self, batch: RolloutBatch) -> th.Tensor:
         """The actor's loss on ``batch`` (objective chosen at construction)."""
-        if batch.action_masks is None:
-            distribution = self.policy.get_distribution(batch.observations)
-        else:  # MaskablePPO: the distribution over the valid actions of each state, as its own loss uses
-            distribution = self.policy.get_distribution(batch.observations, action_masks=batch.action_masks.cpu().numpy())
+        distribution = self.distribution(batch)
         log_prob = distribution.log_prob(batch.actions)
         advantages = batch.advantages
         if getattr(self.model, "normalize_advantage", False):
@@ -109,8 +138,7 @@ class OnPolicyLosses:
 
     def critic_loss(self, batch: RolloutBatch) -> th.Tensor:
         """Mean squared error of the value prediction to the rollout's returns."""
-        values = self.policy.predict_values(batch.observations).flatten()
-        return F.mse_loss(values, batch.returns)
+        return F.mse_loss(self.values(batch), batch.returns)
 
     def loss(self, group: str, batch: RolloutBatch) -> th.Tensor:
         """The loss whose Hessian is measured for ``group`` (the joint loss weights the critic by

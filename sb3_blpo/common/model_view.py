@@ -1,10 +1,10 @@
 """The package's view of an SB3 on-policy actor-critic algorithm: what the callbacks read and differentiate.
 
 Supported: algorithms built on :class:`~stable_baselines3.common.on_policy_algorithm.OnPolicyAlgorithm` whose policy is
-an :class:`~stable_baselines3.common.policies.ActorCriticPolicy` (PPO, A2C, sb3-contrib's TRPO, BLPO) or sb3-contrib's
-``MaskableActorCriticPolicy`` (MaskablePPO: the same modules; the losses apply the rollout's action masks). Refused:
-sb3-contrib's recurrent policies (RecurrentPPO), whose losses need the LSTM states of whole sequences, which a
-subsample of transitions does not carry.
+an :class:`~stable_baselines3.common.policies.ActorCriticPolicy` (PPO, A2C, sb3-contrib's TRPO, BLPO), sb3-contrib's
+``MaskableActorCriticPolicy`` (MaskablePPO: the same modules; the losses apply the rollout's action masks) or its
+``RecurrentActorCriticPolicy`` (RecurrentPPO: each sampled transition carries the LSTM states stored with it; see
+:mod:`sb3_blpo.common.losses` for what that means for the derivatives).
 
 One object per concern, each usable on its own:
 
@@ -31,7 +31,7 @@ from torch import nn
 from sb3_blpo.common.features import HiddenLayers
 from sb3_blpo.common.losses import OnPolicyLosses, progress_remaining
 from sb3_blpo.common.parameters import PARAMETER_GROUPS, actor_critic_parameters
-from sb3_blpo.common.rollout import RolloutBatch, RolloutReader
+from sb3_blpo.common.rollout import RecurrentStates, RolloutBatch, RolloutReader
 
 
 def _maskable_policy_types() -> tuple[type, ...]:
@@ -42,29 +42,15 @@ def _maskable_policy_types() -> tuple[type, ...]:
     return (MaskableActorCriticPolicy,)
 
 
-def _recurrent_policy_types() -> tuple[type, ...]:
-    try:
-        from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
-    except ImportError:
-        return ()
-    return (RecurrentActorCriticPolicy,)
-
-
 def check_actor_critic_policy(model: Any) -> ActorCriticPolicy:
-    """The policy of an on-policy algorithm with an SB3 ``ActorCriticPolicy`` (or sb3-contrib's maskable one); a clear
-    ``TypeError`` otherwise."""
+    """The policy of an on-policy algorithm with an SB3 ``ActorCriticPolicy`` (sb3-contrib's recurrent one is a
+    subclass) or sb3-contrib's maskable one; a clear ``TypeError`` otherwise."""
     if not isinstance(model, OnPolicyAlgorithm):
         raise TypeError(
             f"{type(model).__name__} is not an SB3 on-policy algorithm; the monitors read the rollout buffer of "
             "OnPolicyAlgorithm subclasses (PPO, A2C, TRPO, BLPO)"
         )
     policy = model.policy
-    recurrent = _recurrent_policy_types()
-    if recurrent and isinstance(policy, recurrent):
-        raise TypeError(
-            f"recurrent policies ({type(policy).__name__}) are not supported: their losses need the LSTM states of whole "
-            "sequences, which the monitors' subsamples of single transitions do not carry"
-        )
     if not isinstance(policy, (ActorCriticPolicy, *_maskable_policy_types())):
         raise TypeError(
             f"the policy {type(policy).__name__} is not an ActorCriticPolicy; the monitors need its "
@@ -131,7 +117,11 @@ class OnPolicyModelView:
         return self.layers.modules()
 
     def features(
-        self, observations: PyTorchObs, layer_names: Sequence[str], differentiable: bool = False
+        self,
+        observations: PyTorchObs,
+        layer_names: Sequence[str],
+        differentiable: bool = False,
+        recurrent: RecurrentStates | None = None,
     ) -> dict[str, th.Tensor]:
         """Activations of the named hidden layers (see :meth:`HiddenLayers.features`)."""
-        return self.layers.features(observations, layer_names, differentiable)
+        return self.layers.features(observations, layer_names, differentiable, recurrent)

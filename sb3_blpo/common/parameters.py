@@ -7,6 +7,8 @@ regularise each set). If the policy defines ``actor_parameters()`` and ``critic_
 ``vf_features_extractor``, ``mlp_extractor.value_net`` and ``value_net``. With a *shared* features extractor
 (``share_features_extractor=True``, PPO/A2C's default) its parameters belong to **both** sets, because both losses
 depend on them; the default ``FlattenExtractor`` of MLP policies has no parameters, so the sets are then disjoint.
+sb3-contrib's recurrent policies add ``lstm_actor`` to the actor and ``lstm_critic`` (or the linear ``critic`` that
+replaces it) to the critic; a shared LSTM stays the actor's (the critic reads its output detached).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ PARAMETER_SELECTIONS: tuple[str, ...] = ("all", "weights")
 
 _ACTOR_MODULES = ("pi_features_extractor", "mlp_extractor.policy_net", "action_net")
 _CRITIC_MODULES = ("vf_features_extractor", "mlp_extractor.value_net", "value_net")
+# sb3-contrib's recurrent policies: the actor's LSTM; the critic's own LSTM, or the linear layer it has in place of one.
+# With a shared LSTM the critic reads the actor LSTM's output detached, so that LSTM is the actor's alone.
+_OPTIONAL_ACTOR_MODULES = ("lstm_actor",)
+_OPTIONAL_CRITIC_MODULES = ("lstm_critic", "critic")
 
 
 def _module(policy: nn.Module, path: str) -> nn.Module | None:
@@ -33,8 +39,9 @@ def _module(policy: nn.Module, path: str) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def _parameters_of(policy: nn.Module, paths: Sequence[str]) -> list[nn.Parameter]:
+def _parameters_of(policy: nn.Module, paths: Sequence[str], optional: Sequence[str] = ()) -> list[nn.Parameter]:
     modules = {path: _module(policy, path) for path in paths}
+    modules.update({path: module for path in optional if (module := _module(policy, path)) is not None})
     missing = [path for path, module in modules.items() if module is None]
     if missing:
         raise TypeError(
@@ -51,7 +58,7 @@ def actor_modules_parameters(policy: nn.Module) -> list[nn.Parameter]:
     :param policy: an SB3 ``ActorCriticPolicy`` (or one with the same module names).
     :raises TypeError: naming the missing modules.
     """
-    params = _parameters_of(policy, _ACTOR_MODULES)
+    params = _parameters_of(policy, _ACTOR_MODULES, _OPTIONAL_ACTOR_MODULES)
     log_std = getattr(policy, "log_std", None)
     if isinstance(log_std, nn.Parameter) and all(p is not log_std for p in params):
         params.append(log_std)
@@ -64,7 +71,7 @@ def critic_modules_parameters(policy: nn.Module) -> list[nn.Parameter]:
     :param policy: an SB3 ``ActorCriticPolicy`` (or one with the same module names).
     :raises TypeError: naming the missing modules.
     """
-    return _parameters_of(policy, _CRITIC_MODULES)
+    return _parameters_of(policy, _CRITIC_MODULES, _OPTIONAL_CRITIC_MODULES)
 
 
 def actor_critic_parameters(policy: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

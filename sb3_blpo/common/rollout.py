@@ -9,12 +9,29 @@ the rollout needs). Reading never calls ``get()``, so the buffer's state is left
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.type_aliases import PyTorchObs
+
+
+@dataclass(frozen=True)
+class RecurrentStates:
+    """What sb3-contrib's recurrent policies (RecurrentPPO) need besides the observations, per transition: the LSTM
+    states recorded when the action was taken (before the step) and whether the step started an episode (the policy
+    then resets the states).
+
+    :param actor: the actor LSTM's ``(hidden, cell)`` states, each ``(num_layers, B, hidden_size)``.
+    :param critic: the critic LSTM's ``(hidden, cell)`` states (the actor's when the LSTM is shared).
+    :param episode_starts: ``(B,)`` floats, 1 where a new episode started at that step.
+    """
+
+    actor: tuple[th.Tensor, th.Tensor]
+    critic: tuple[th.Tensor, th.Tensor]
+    episode_starts: th.Tensor
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,7 @@ class RolloutBatch:
     :param advantages: GAE advantages (not normalised).
     :param returns: value targets (advantages + values).
     :param action_masks: the valid-action masks of sb3-contrib's ``MaskableRolloutBuffer`` (``None`` for other buffers).
+    :param recurrent: the LSTM states and episode starts of sb3-contrib's recurrent buffers (``None`` for other buffers).
     """
 
     observations: PyTorchObs
@@ -35,6 +53,7 @@ class RolloutBatch:
     advantages: th.Tensor
     returns: th.Tensor
     action_masks: th.Tensor | None = None
+    recurrent: RecurrentStates | None = None
 
     @property
     def size(self) -> int:
@@ -100,6 +119,29 @@ class RolloutReader:
         """A per-transition scalar field as ``(n_envs, n_steps)``, one row per environment's trajectory."""
         return self.flat(array).view(self.n_envs, self.n_steps)
 
+    def lstm_states(self, array: np.ndarray, index: np.ndarray | None = None) -> th.Tensor:
+        """A recurrent buffer's LSTM state field as ``(num_layers, B, hidden_size)`` (the layout the LSTM takes).
+
+        sb3-contrib stores these as ``(n_steps, num_layers, n_envs, hidden_size)``; its ``get()`` swaps them to
+        ``(n_steps, n_envs, …)`` and flattens them env-major, like every other field.
+        """
+        if not self.buffer.generator_ready:
+            array = self.env_major(array.swapaxes(1, 2))
+        # Not self.tensor(): a flat (N, 1, H) field of one env and one layer would pass env_major's shape test again.
+        selected = array if index is None else array[index]
+        return th.as_tensor(selected, device=self.device).transpose(0, 1).contiguous()
+
+    def recurrent(self, index: np.ndarray | None = None) -> RecurrentStates | None:
+        """The LSTM states and episode starts of the transitions ``index`` (``None`` unless the buffer is recurrent)."""
+        buffer: Any = self.buffer  # sb3-contrib's RecurrentRolloutBuffer (or its dict variant)
+        if not hasattr(buffer, "hidden_states_pi"):
+            return None
+        return RecurrentStates(
+            actor=(self.lstm_states(buffer.hidden_states_pi, index), self.lstm_states(buffer.cell_states_pi, index)),
+            critic=(self.lstm_states(buffer.hidden_states_vf, index), self.lstm_states(buffer.cell_states_vf, index)),
+            episode_starts=self.flat(buffer.episode_starts, index),
+        )
+
     def batch(self, index: np.ndarray | None = None) -> RolloutBatch:
         """The transitions ``index`` (flat env-major indices; all if ``None``) as a :class:`RolloutBatch`."""
         buffer = self.buffer
@@ -110,6 +152,7 @@ class RolloutReader:
             advantages=self.flat(buffer.advantages, index),
             returns=self.flat(buffer.returns, index),
             action_masks=self.tensor(masks, index) if (masks := getattr(buffer, "action_masks", None)) is not None else None,
+            recurrent=self.recurrent(index),
         )
 
     def sample(self, n_samples: int | None, generator: th.Generator, first_step: int = 0) -> RolloutBatch:
