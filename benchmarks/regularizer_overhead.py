@@ -9,7 +9,8 @@ sensitive to other processes on a shared machine, since every run uses one threa
 
 Configurations: plain PPO (SB3 defaults: 2048-step rollouts, 10 epochs of 32 minibatches of 64, two 64-unit tanh
 layers per branch); L2 (``l2_coef=1e-4``); L2-Init (``l2_init_coef=1e-4``); the rank term in loss mode on all four
-hidden layers (``erank_coef=1e-3``) and on the last layer of each branch (``layers=1``); the paper's ascent mode
+hidden layers (``erank_coef=1e-3``), on the last layer of each branch (``layers=1``) and lazily, on every 2nd or 4th
+minibatch with 2 or 4 times the weight (``erank_every=2``, ``4``); the paper's ascent mode
 (``ascent_lr=1e-6``, one step per epoch on the whole rollout); and the paper's L2-ER (ascent mode + L2).
 
 ``--in-process-rounds N`` instead times ``model.train()`` alone, in one process, on one collected 2048-step rollout:
@@ -37,6 +38,8 @@ CONFIGS: dict[str, dict[str, float | int | str] | None] = {
     "l2_init": dict(l2_init_coef=1e-4),
     "rank_loss": dict(erank_coef=1e-3),
     "rank_loss_last": dict(erank_coef=1e-3, layers=1),
+    "rank_loss_lazy2": dict(erank_coef=1e-3, erank_every=2),
+    "rank_loss_lazy4": dict(erank_coef=1e-3, erank_every=4),
     "rank_ascent": dict(erank_mode="ascent", ascent_lr=1e-6),
     "l2_rank_ascent": dict(erank_mode="ascent", ascent_lr=1e-6, l2_coef=1e-4),
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ def snippets() -> list[Any]:
     found = []
     for document in DOCUMENTS:
         for number, code in enumerate(SNIPPET.findall(document.read_text()), start=1):
-            found.append(pytest.param(document, code, id=f"{document.relative_to(REPO)}#{number}"))
+            # A block inside a list item is indented like the item.
+            found.append(pytest.param(document, textwrap.dedent(code), id=f"{document.relative_to(REPO)}#{number}"))
     return found
 
 

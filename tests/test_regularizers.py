@@ -204,6 +204,60 @@ def test_loss_mode_update_equals_terms_added_by_hand(algo, env_id, kwargs):
     assert relative_difference(after, [p.detach() for p in policy.parameters()]) <= 1e-6
 
 
+def test_lazy_rank_term_is_every_kth_minibatch_with_k_times_the_weight(monkeypatch):
+    """erank_every=k: the rank gradient on minibatches 0, k, 2k, … only, k times as large (no clipping here)."""
+    weights: list[float] = []
+    original = PenaltyTerms.rank_term_gradients
+
+    def spy(self: PenaltyTerms, level: str, features: Any, weight: float = 1.0) -> Any:
+        weights.append(weight)
+        return original(self, level, features, weight)
+
+    monkeypatch.setattr(PenaltyTerms, "rank_term_gradients", spy)
+    settings = dict(seed=0, policy_kwargs=NET, n_steps=64, batch_size=16, n_epochs=2, max_grad_norm=1e6)
+
+    def first_gradient(callback: BaseCallback | None) -> th.Tensor:
+        model = PPO("MlpPolicy", "Pendulum-v1", **settings)
+        recorded: list[th.Tensor] = []
+
+        def record(m: Any) -> None:
+            m.policy.optimizer.register_step_pre_hook(
+                lambda *_: recorded.append(th.cat([p.grad.flatten() for p in m.policy.parameters()]))
+            )
+
+        probe = Probe(rollout_end=lambda _m: np.random.seed(1234), training_start=record)  # the same minibatches
+        model.learn(64, callback=[probe] if callback is None else [callback, probe])
+        assert len(recorded) == 8
+        return recorded[0]
+
+    plain = first_gradient(None)
+    exact = first_gradient(PlasticityRegularizer(erank_coef=0.5))
+    assert weights == [1.0] * 8
+    weights.clear()
+    lazy = first_gradient(PlasticityRegularizer(erank_coef=0.5, erank_every=3))
+    assert weights == [3, 3, 3]  # minibatches 0, 3 and 6 of the 8
+    assert float((exact - plain).norm()) > 1e-3 * float(plain.norm())  # the term is not negligible
+    assert relative_difference([lazy - plain], [3 * (exact - plain)]) <= 1e-4
+
+
+def test_lazy_rank_term_in_blpo_losses(monkeypatch):
+    """The loss-term delivery (BLPO) skips the rank term the same way, per level."""
+    calls: list[tuple[str, float]] = []
+    original = PenaltyTerms.rank_term
+
+    def spy(self: PenaltyTerms, level: str, features: Any, weight: float = 1.0) -> th.Tensor:
+        calls.append((level, weight))
+        return original(self, level, features, weight)
+
+    monkeypatch.setattr(PenaltyTerms, "rank_term", spy)
+    model = BLPO("MlpPolicy", "Pendulum-v1", seed=0, policy_kwargs=NET, n_steps=64, batch_size=16, n_epochs=1)
+    model.learn(64, callback=PlasticityRegularizer(erank_coef=1e-3, erank_every=2))
+    actor = [weight for level, weight in calls if level == "actor"]
+    critic = [weight for level, weight in calls if level == "critic"]
+    assert actor == [2, 2]  # 4 minibatches: the 1st and the 3rd
+    assert critic and set(critic) == {2} and len(critic) == model.n_critic_steps * 4 // 2
+
+
 def _test_features(generator: th.Generator) -> dict[str, dict[str, th.Tensor]]:
     """Feature matrices of every kind the rank term meets: full rank, rank-deficient, dead units, wide and tall."""
 
@@ -471,9 +525,9 @@ def test_only_training_forward_passes_are_regularised_and_second_learn_works(mon
     calls = []
     gradients = PenaltyTerms.rank_term_gradients
 
-    def counted(terms: PenaltyTerms, level: str, features: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
+    def counted(terms: PenaltyTerms, level: str, features: dict[str, th.Tensor], weight: float = 1.0) -> dict[str, th.Tensor]:
         calls.append(next(iter(features.values())).shape[0])
-        return gradients(terms, level, features)
+        return gradients(terms, level, features, weight)
 
     monkeypatch.setattr(PenaltyTerms, "rank_term_gradients", counted)
 
@@ -548,6 +602,9 @@ def test_logged_values():
         (dict(erank_mode="descent"), "erank_mode"),
         (dict(erank_mode="ascent", ascent_lr=0.0), "ascent_lr"),
         (dict(erank_mode="ascent", erank_coef=1e-3), "erank_coef"),
+        (dict(erank_mode="ascent", erank_every=2), "erank_every"),
+        (dict(erank_coef=1e-3, erank_every=0), "erank_every"),
+        (dict(erank_coef=1e-3, erank_every=1.5), "erank_every"),
         (dict(erank_coef=1e-3, layers="last"), "layers"),
         (dict(erank_coef=1e-3, layers=0), "layers"),
         (dict(erank_coef=1e-3, param_selection="biases"), "param_selection"),

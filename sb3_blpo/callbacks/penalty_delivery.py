@@ -52,6 +52,8 @@ class PenaltyTerms:
     :param parameter_penalty: the L2 / L2-Init terms.
     :param params: regularised parameters per level (``"joint"``; or ``"actor"`` and ``"critic"``).
     :param anchors: L2-Init anchors per level (same structure), or ``None``.
+    :param rank_every: the rank term is evaluated on every ``rank_every``-th minibatch of a level, with
+        ``rank_every`` times its weight (lazy regularisation); 1: every minibatch.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class PenaltyTerms:
         parameter_penalty: ParameterPenalty,
         params: Mapping[str, list[nn.Parameter]],
         anchors: Mapping[str, list[th.Tensor]] | None,
+        rank_every: int = 1,
     ) -> None:
         self.erank_coef = erank_coef
         self.layer_names = list(layer_names)
@@ -69,11 +72,24 @@ class PenaltyTerms:
         self.parameter_penalty = parameter_penalty
         self.params = dict(params)
         self.anchors = dict(anchors or {})
+        self.rank_every = rank_every
+        self._rank_calls: dict[str, int] = defaultdict(int)
         self._term_sums: dict[tuple[str, str], float] = defaultdict(float)
         self._term_counts: dict[tuple[str, str], int] = defaultdict(int)
         self._rank_sums: dict[str, float] = defaultdict(float)
         self._rank_counts: dict[str, int] = defaultdict(int)
         self._levels_used: set[str] = set()
+
+    def rank_due(self, level: str) -> bool:
+        """Whether the coming minibatch of ``level`` gets the rank term (what its :meth:`rank_weight` call will say)."""
+        return self._rank_calls[level] % self.rank_every == 0
+
+    def rank_weight(self, level: str) -> int:
+        """Called once per minibatch of ``level``: the multiplier of the rank term on this minibatch, ``rank_every``
+        on every ``rank_every``-th call (the first included) and 0 on the others."""
+        due = self.rank_due(level)
+        self._rank_calls[level] += 1
+        return self.rank_every if due else 0
 
     def _groups(self, features: Mapping[str, th.Tensor]) -> dict[str, dict[str, th.Tensor]]:
         """The chosen layers present in ``features``, actor layers and critic layers as two groups."""
@@ -94,21 +110,21 @@ class PenaltyTerms:
         self._record_ranks(ranks)
         return objective
 
-    def rank_term_gradients(self, level: str, features: Mapping[str, th.Tensor]) -> dict[str, th.Tensor]:
-        """``∂(−β R)/∂Φ_l`` for each chosen layer in ``features``, in closed form (no graph); the term's value is
-        recorded under ``level`` as by :meth:`rank_term`."""
+    def rank_term_gradients(self, level: str, features: Mapping[str, th.Tensor], weight: float = 1.0) -> dict[str, th.Tensor]:
+        """``weight · ∂(−β R)/∂Φ_l`` for each chosen layer in ``features``, in closed form (no graph); the term's value
+        ``−β R`` is recorded under ``level`` as by :meth:`rank_term`."""
         objective, ranks, gradients = effective_rank_gradients(self._groups(features), center=self.center)
         self._record_ranks(ranks)
         self._term_sums[("erank", level)] += -self.erank_coef * objective
         self._term_counts[("erank", level)] += 1
-        return {name: gradient.mul_(-self.erank_coef) for name, gradient in gradients.items()}
+        return {name: gradient.mul_(-self.erank_coef * weight) for name, gradient in gradients.items()}
 
-    def rank_term(self, level: str, features: Mapping[str, th.Tensor]) -> th.Tensor:
-        """``−β R`` on ``features``, recorded under ``level``."""
+    def rank_term(self, level: str, features: Mapping[str, th.Tensor], weight: float = 1.0) -> th.Tensor:
+        """``weight · (−β R)`` on ``features``; ``−β R`` is recorded under ``level``."""
         term = -self.erank_coef * self.rank_objective(features)
         self._term_sums[("erank", level)] += term.item()
         self._term_counts[("erank", level)] += 1
-        return term
+        return term * weight if weight != 1.0 else term
 
     def parameter_loss(self, level: str) -> th.Tensor | None:
         """The L2 terms of ``level``'s parameters as a differentiable tensor (``None`` if there are none)."""
@@ -206,8 +222,9 @@ class GradientInjection:
 
     def _capture_hook(self, name: str) -> Callable[[nn.Module, Any, th.Tensor], None]:
         def hook(module: nn.Module, _inputs: Any, output: th.Tensor) -> None:
-            # Training forward passes only: rollout collection runs under no_grad and in eval mode.
-            if module.training and th.is_grad_enabled() and output.requires_grad:
+            # Training forward passes only: rollout collection runs under no_grad and in eval mode. A minibatch that
+            # skips the rank term (erank_every > 1) gets no gradient hook at all.
+            if module.training and th.is_grad_enabled() and output.requires_grad and self.terms.rank_due("joint"):
                 pending = _PendingGradient()
                 output.register_hook(pending)
                 self._captured[name] = (output, pending)
@@ -217,9 +234,10 @@ class GradientInjection:
     def _inject(self) -> None:
         if self.rank_layers:
             captured, self._captured = self._captured, {}
-            if all(name in captured for name in self.rank_layers):
+            weight = self.terms.rank_weight("joint")  # one call per minibatch, whatever was captured
+            if weight and all(name in captured for name in self.rank_layers):
                 features = {name: output.detach().reshape(output.shape[0], -1) for name, (output, _) in captured.items()}
-                gradients = self.terms.rank_term_gradients("joint", features)
+                gradients = self.terms.rank_term_gradients("joint", features, weight)
                 for name, (output, pending) in captured.items():
                     pending.gradient = gradients[name].reshape(output.shape)
         if self.terms.parameter_penalty.active:
@@ -263,8 +281,8 @@ class LossTermDelivery:
             self.on_actor_term()
         total: th.Tensor | None = None
         names = [name for name in self.terms.layer_names if branch_of(name) == level]
-        if self.terms.erank_coef > 0 and names:
-            total = self.terms.rank_term(level, self.view.features(observations, names, differentiable=True))
+        if self.terms.erank_coef > 0 and names and (weight := self.terms.rank_weight(level)):
+            total = self.terms.rank_term(level, self.view.features(observations, names, differentiable=True), weight)
         parameter_loss = self.terms.parameter_loss(level)
         if parameter_loss is not None:
             total = parameter_loss if total is None else total + parameter_loss

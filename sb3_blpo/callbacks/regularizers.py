@@ -103,6 +103,8 @@ class PlasticityRegularizer(InstanceOnlyCallback, BaseCallback):
         ``"weights"`` (tensors with ≥ 2 dimensions).
     :param center: subtract the per-unit batch mean from the features before the SVD (default: uncentred, as the paper).
     :param verbose: verbosity level.
+    :param erank_every: loss mode: evaluate the rank term on every ``erank_every``-th minibatch only, with
+        ``erank_every`` times its weight (lazy regularisation, as StyleGAN2's R1 term; cuts the SVD cost by that factor).
     :param parameters: deprecated name of ``param_selection``.
     """
 
@@ -119,6 +121,7 @@ class PlasticityRegularizer(InstanceOnlyCallback, BaseCallback):
         center: bool = False,
         verbose: int = 0,
         *,
+        erank_every: int = 1,
         parameters: str | None = None,
     ) -> None:
         super().__init__(verbose)
@@ -126,6 +129,7 @@ class PlasticityRegularizer(InstanceOnlyCallback, BaseCallback):
         self.l2_coef = check_float("l2_coef", l2_coef, minimum=0.0)
         self.l2_init_coef = check_float("l2_init_coef", l2_init_coef, minimum=0.0)
         self.erank_mode = check_one_of("erank_mode", erank_mode, ERANK_MODES)
+        self.erank_every = check_int("erank_every", erank_every, minimum=1)
         if not callable(ascent_lr):
             ascent_lr = check_float("ascent_lr", ascent_lr, minimum=0.0, allow_minimum=erank_mode != "ascent")
         self.ascent_lr = ascent_lr
@@ -133,10 +137,10 @@ class PlasticityRegularizer(InstanceOnlyCallback, BaseCallback):
         self.layers = check_layer_spec(layers)
         self.param_selection = check_param_selection(param_selection, parameters, type(self).__name__)
         self.center = bool(center)
-        if self.erank_mode == "ascent" and self.erank_coef > 0:
+        if self.erank_mode == "ascent" and (self.erank_coef > 0 or self.erank_every > 1):
             raise InvalidParameterError(
-                "erank_coef is the weight of the rank *loss term* and must be 0 with erank_mode='ascent'; the ascent "
-                "steps use their own step size ascent_lr"
+                "erank_coef and erank_every configure the rank *loss term* and must stay at 0 and 1 with "
+                "erank_mode='ascent'; the ascent steps use their own step size ascent_lr"
             )
         self._penalty = ParameterPenalty(self.l2_coef, self.l2_init_coef)
         if not (self._rank_needs_layers or self._penalty.active):
@@ -210,14 +214,9 @@ class PlasticityRegularizer(InstanceOnlyCallback, BaseCallback):
     # ------------------------------------------------------------------ install / remove
     def _on_training_start(self) -> None:
         self.remove()  # a learn() interrupted by an exception never called _on_training_end
-        self._terms = PenaltyTerms(
-            self.erank_coef if not self._ascent else 0.0,
-            self._layer_names,
-            self.center,
-            self._penalty,
-            self._params,
-            self._anchors(),
-        )
+        rank_coef = self.erank_coef if not self._ascent else 0.0
+        terms = (rank_coef, self._layer_names, self.center, self._penalty, self._params, self._anchors(), self.erank_every)
+        self._terms = PenaltyTerms(*terms)
         if self._loss_terms:
             # The model evaluates the actor term exactly once per minibatch: that counts minibatches in ascent mode.
             self._delivery = LossTermDelivery(self.model, self._terms, self._access, self._count_minibatch)
