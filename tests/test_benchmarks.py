@@ -65,6 +65,18 @@ def test_returns_report_aggregates_with_rliable(tmp_path: Path) -> None:
     assert (docs / "img" / "returns_profiles.png").stat().st_size > 0
     assert len(read_csv(docs / "data" / "returns_evals.csv")) == 12
 
+    # Runs of a re-tuned entry replace the suite's blpo runs of that env in an extra "current entries" variant.
+    retuned = tmp_path / "retuned"
+    for seed in range(3):
+        path = retuned / "csv" / "CartPole-v1" / "blpo" / f"seed{seed}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"timesteps,mean_return,std_return,episodes,seconds\n1000,{300 + 10 * seed},0,5,1\n")
+    args = ["--results", str(results), "--docs", str(docs), "--current-entries", str(retuned)]
+    output = run_script(str(BENCHMARKS / "returns" / "report.py"), *args)
+    assert "| env | PPO (zoo) | BLPO (default) | BLPO (default), current entries |" in output
+    assert "| CartPole-v1 | 430.0 [" in output and "| 480.0 [" in output and "| 310.0 [" in output
+    assert len(read_csv(docs / "data" / "returns_evals.csv")) == 12  # the CSV and figures stay the suite's
+
 
 def test_sample_reuse_study_reads_update_statistics_and_reports(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")

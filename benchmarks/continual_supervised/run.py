@@ -28,7 +28,7 @@ resumes. Then the report (``report.py``) writes tables and plots into ``<out>``.
 
 Usage::
 
-    python benchmarks/continual_supervised/run.py --jobs 2        # the study of docs/plasticity.md (defaults)
+    python benchmarks/continual_supervised/run.py                 # the study of docs/plasticity.md (defaults: 2 jobs)
     python benchmarks/continual_supervised/report.py              # the report alone, from existing results
 """
 
@@ -481,7 +481,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shrink", type=float, default=DEFAULT_SHRINK)
     parser.add_argument("--noise-std", type=float, default=DEFAULT_NOISE_STD)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process and one torch thread each)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="runs in parallel (one process and one torch thread each; default: 2, or 1 on a one-core machine)",
+    )
     parser.add_argument("--no-report", action="store_true", help="skip the report after the runs")
     parser.add_argument("--run", nargs=3, metavar=("STREAM", "METHOD", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from suite import DEFAULT_OUT, ENVS, LABELS, RANDOM_SCORES_FILE
+from suite import DEFAULT_OUT, ENVS, RANDOM_SCORES_FILE
+from suite import LABELS as SUITE_LABELS
 
 REPO = Path(__file__).resolve().parents[2]
 # rl-zoo3 benchmark.md, PPO (sb3-conventions reference §3.5): the normalisation's 1.0.
@@ -44,8 +45,23 @@ _PALETTE += ["#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "
 _PALETTE += ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
 #: One colour per variant in every figure, no two alike, in the order of suite.LABELS; the drop-in, a main variant,
 #: swaps with a history variant for a strong colour.
+#: A report-only variant: BLPO's default with the runs of re-tuned zoo entries in place of the suite's (``--current-entries``).
+CURRENT = "blpo_current"
+LABELS = {**SUITE_LABELS, CURRENT: "BLPO (default), current entries"}
 COLORS = {variant: _PALETTE[index] for index, variant in enumerate(LABELS)}
 COLORS["blpo_dropin"], COLORS["blpo_rollout_adv"] = COLORS["blpo_rollout_adv"], COLORS["blpo_dropin"]
+
+
+
+
+def with_current_entries(evals: pd.DataFrame, folders: list[Path]) -> pd.DataFrame:
+    """``evals`` plus the variant :data:`CURRENT`: the ``blpo`` runs, those of an env replaced by the ``blpo`` runs
+    under ``folders`` (suite result folders of re-tuned entries, run with the same seeds, budget and evaluation)."""
+    tuned = pd.concat([load(folder) for folder in folders], ignore_index=True)
+    tuned = tuned[tuned["variant"] == "blpo"]
+    kept = evals[(evals["variant"] == "blpo") & ~evals["env"].isin(set(tuned["env"]))]
+    current = pd.concat([kept, tuned], ignore_index=True).assign(variant=CURRENT)
+    return pd.concat([evals, current], ignore_index=True)
 
 
 def load(results: Path) -> pd.DataFrame:
@@ -64,6 +80,13 @@ def load(results: Path) -> pd.DataFrame:
 def final_scores(evals: pd.DataFrame) -> pd.DataFrame:
     last = evals.sort_values("timesteps").groupby(["env", "variant", "seed"]).tail(1)
     return last[["env", "variant", "seed", "timesteps", "mean_return", "seconds"]].reset_index(drop=True)
+
+
+def normalised_scores(scores: pd.DataFrame, random_scores: dict[str, float]) -> pd.DataFrame:
+    """``scores`` with the column ``normalised``: ``(score − random) / (zoo PPO − random)`` (module docstring)."""
+    reference = scores["env"].map(ZOO_PPO_REFERENCE)
+    random = scores["env"].map(random_scores)
+    return scores.assign(normalised=(scores["mean_return"] - random) / (reference - random))
 
 
 def score_matrix(scores: pd.DataFrame, variant: str, envs: list[str], column: str) -> np.ndarray:
@@ -172,18 +195,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
-    parser.add_argument("--variants", nargs="+", default=list(MAIN_REPORT_VARIANTS), choices=list(LABELS))
+    parser.add_argument("--variants", nargs="+", default=list(MAIN_REPORT_VARIANTS), choices=list(SUITE_LABELS))
+    parser.add_argument(
+        "--current-entries",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="suite result folders of re-tuned blpo.yml entries: also print the tables with them in place of the "
+        "suite's blpo runs of those envs (figures and the CSV stay the suite's)",
+    )
     args = parser.parse_args()
     evals = load(args.results)
     evals = evals[evals["variant"].isin(args.variants)]
     random_scores = json.loads((args.results / RANDOM_SCORES_FILE).read_text())
     envs = [env for env in ENVS if env in set(evals["env"])]
     variants = [v for v in args.variants if v in set(evals["variant"])]
-    scores = final_scores(evals)
-    scores["normalised"] = [
-        (row.mean_return - random_scores[row.env]) / (ZOO_PPO_REFERENCE[row.env] - random_scores[row.env])
-        for row in scores.itertuples()
-    ]
+    scores = normalised_scores(final_scores(evals), random_scores)
     (args.docs / "data").mkdir(parents=True, exist_ok=True)
     (args.docs / "img").mkdir(parents=True, exist_ok=True)
     evals.to_csv(args.docs / "data" / "returns_evals.csv", index=False)
@@ -202,6 +229,13 @@ def main() -> None:
     print("random-action scores:", {env: round(random_scores[env], 1) for env in envs})
     plot_curves(evals, variants, envs, args.docs / "img" / "returns_curves.png")
     plot_profiles(normalised, args.docs / "img" / "returns_profiles.png")
+    if args.current_entries:
+        current = with_current_entries(evals, args.current_entries)
+        scores = normalised_scores(final_scores(current), random_scores)
+        compared = [v for v in ("ppo", "blpo", CURRENT) if v in set(scores["variant"])]
+        print("\nWith the current entries (runs from", ", ".join(str(folder) for folder in args.current_entries), ")\n")
+        print(per_env_table(scores, compared, envs))
+        print(aggregate_table(scores, compared, envs)[0])
 
 
 if __name__ == "__main__":
