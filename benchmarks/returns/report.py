@@ -52,8 +52,6 @@ COLORS = {variant: _PALETTE[index] for index, variant in enumerate(LABELS)}
 COLORS["blpo_dropin"], COLORS["blpo_rollout_adv"] = COLORS["blpo_rollout_adv"], COLORS["blpo_dropin"]
 
 
-
-
 def with_current_entries(evals: pd.DataFrame, folders: list[Path]) -> pd.DataFrame:
     """``evals`` plus the variant :data:`CURRENT`: the ``blpo`` runs, those of an env replaced by the ``blpo`` runs
     under ``folders`` (suite result folders of re-tuned entries, run with the same seeds, budget and evaluation)."""
