@@ -12,7 +12,8 @@ Each run is one process (``--jobs`` in parallel); finished runs are skipped, so 
 
 * ``episodes.csv``: ``timesteps, task, return`` of every finished training episode;
 * ``task_starts.csv``: at each task start (before any update on the new task), per parameter group, λmax, λmin and the
-  ε-ranks of the loss Hessian (SLQ) and the trainability ε-rank relative to task 0;
+  ε-ranks of the loss Hessian (SLQ), the trainability ε-rank relative to task 0 on the task-0 scale, and the same on
+  each spectrum's own scale (``TrainabilityCallback(epsilon_scale="current")``: columns ``current_*``);
 * ``features.csv``: per rollout, per hidden layer, effective rank, srank and dormant-unit fraction;
 * ``rollouts.csv``: per rollout, the policy's mean entropy on the rollout's observations (before the update).
 
@@ -136,10 +137,15 @@ class StudyRecorder(BaseCallback):
     it with each new model)."""
 
     def __init__(
-        self, hessian: HessianSpectrumCallback, trainability: TrainabilityCallback, features: FeatureRankCallback
+        self,
+        hessian: HessianSpectrumCallback,
+        trainability: TrainabilityCallback,
+        features: FeatureRankCallback,
+        current_scale: TrainabilityCallback,
     ) -> None:
         super().__init__()
         self.hessian, self.trainability, self.features = hessian, trainability, features
+        self.current_scale = current_scale
         self.offset = 0
         self.episodes: list[tuple[int, int, float]] = []
         self.feature_rows: list[dict[str, Any]] = []
@@ -165,8 +171,10 @@ class StudyRecorder(BaseCallback):
             self.seen_features = self.features.n_measurements
             for layer, metrics in self.features.latest.items():
                 self.feature_rows.append(dict(timesteps=timesteps, task=self.task, layer=layer, **metrics))
+        current = {(r.task_index, r.group): r for r in self.current_scale.history[self.seen_trainability :]}
         for record in self.trainability.history[self.seen_trainability :]:
             summary = self.hessian.latest[record.group].summary
+            on_current_scale = current[(record.task_index, record.group)]
             row = dict(
                 task=record.task_index,
                 group=record.group,
@@ -177,6 +185,9 @@ class StudyRecorder(BaseCallback):
                 trainability_eps_rank=record.epsilon_rank,
                 trainability_ratio=record.ratio,
                 lambda_max_ratio=record.lambda_max_ratio,
+                current_epsilon=on_current_scale.epsilon,
+                current_eps_rank=on_current_scale.epsilon_rank,
+                current_ratio=on_current_scale.ratio,
             )
             for eps, value in zip(summary.epsilons, summary.epsilon_ranks, strict=True):
                 row[f"eps_rank_{eps:g}"] = float(value)
@@ -224,9 +235,11 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> None:
     algo = BLPO if spec["algo"] == "BLPO" else PPO
     hessian = HessianSpectrumCallback(every_n_rollouts=None, epsilons=(1e-3, 1e-2, 1e-1), seed=seed)
     trainability = TrainabilityCallback(spectrum_source=hessian, seed=seed)
+    # The same task-start spectra on each one's own scale (reused from `hessian`, no extra Hessian products).
+    current_scale = TrainabilityCallback(spectrum_source=hessian, seed=seed, epsilon_scale="current")
     features = FeatureRankCallback(every_n_rollouts=1, seed=seed)
-    recorder = StudyRecorder(hessian, trainability, features)
-    callbacks: list[BaseCallback] = [hessian, trainability, features, recorder]
+    recorder = StudyRecorder(hessian, trainability, features, current_scale)
+    callbacks: list[BaseCallback] = [hessian, trainability, current_scale, features, recorder]
     if spec.get("head_reset"):
         callbacks.insert(0, HeadReset(heads="actor", seed=seed))
     if regularizer is not None:
