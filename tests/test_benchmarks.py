@@ -114,6 +114,9 @@ def test_continual_study_and_report(tmp_path: Path) -> None:
             ("1", "actor"),
             ("1", "critic"),
         ]
+        assert all(float(row["current_epsilon"]) > 0 for row in starts)  # the own-scale indicator is recorded too
+        task0 = [row for row in starts if row["task"] == "0"]
+        assert all(row["current_epsilon"] == row["trainability_epsilon"] for row in task0)  # the scales agree at task 0
         assert [row["task"] for row in read_csv(run_dir / "rollouts.csv")] == ["0", "1"]
         assert {row["task"] for row in read_csv(run_dir / "episodes.csv")} == {"0", "1"}
     assert json.loads((results / "ppo_l2_er" / "seed0" / "done.json").read_text())["regularizer"]["erank_mode"] == "ascent"
@@ -126,6 +129,8 @@ def test_continual_study_and_report(tmp_path: Path) -> None:
     assert "| PPO, policy head reset at each task | 1 |" in output
     # One task-1 point per variant: three with the reset variant, two without it (too few: a dash).
     assert re.search(r"\| ε-rank, ε = 0\.01 \| actor \| \d\.\d\d \([+−]\) \| – \| 3 \|", output)
+    assert "| trainability ratio, own scale (÷ task-0 ε-rank) | critic |" in output
+    assert re.search(r"\| PPO\+L2\+ER \| actor \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| \d+% \| \d+% \|", output)
     for name in ("small_returns", "small_curvature", "small_features"):
         assert (docs / "img" / f"{name}.png").stat().st_size > 0
     assert len(read_csv(docs / "data" / "small_returns.csv")) == 6

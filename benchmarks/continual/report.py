@@ -79,6 +79,9 @@ def r_squared_table(returns: pd.DataFrame, starts: pd.DataFrame) -> str:
     predictors = {f"ε-rank, ε = {c[len('eps_rank_') :]}": c for c in starts.columns if c.startswith("eps_rank_")}
     predictors["trainability ε-rank (ε relative to task 0)"] = "trainability_eps_rank"
     predictors["trainability ratio (÷ task-0 ε-rank)"] = "trainability_ratio"
+    if "current_eps_rank" in starts.columns:  # studies run since the epsilon_scale="current" columns were added
+        predictors["trainability ε-rank, ε on each spectrum's own scale"] = "current_eps_rank"
+        predictors["trainability ratio, own scale (÷ task-0 ε-rank)"] = "current_ratio"
     predictors["log λmax"] = "log_lambda_max"
     points = points.assign(log_lambda_max=np.log(points["lambda_max"].clip(lower=1e-12)))
     lines = [
@@ -203,6 +206,34 @@ def summary_table(
     return "\n".join(lines)
 
 
+def current_scale_table(starts: pd.DataFrame, variants: list[str], threshold: float = 0.25) -> str:
+    """Markdown: per variant and group, the trainability ratio at task starts 1+ on the task-0 scale and on each
+    spectrum's own scale (``epsilon_scale="current"``): mean ± 95 % CI over seeds of the per-seed mean over tasks, the
+    last task start, and the share of task starts flagged as a collapse (ratio < ``threshold``)."""
+    lines = [
+        "| variant | group | ratio, task-0 scale (tasks 1+) | ratio, own scale (tasks 1+) | own scale, last start "
+        f"| flagged (own scale < {threshold:g}) | flagged (task-0 scale) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    last = int(starts["task"].max())
+    for variant in variants:
+        for group in ("actor", "critic"):
+            rows = starts[(starts["variant"] == variant) & (starts["group"] == group) & (starts["task"] > 0)]
+            if rows.empty:
+                continue
+            fixed = rows.groupby("seed")["trainability_ratio"].mean().to_numpy()
+            own = rows.groupby("seed")["current_ratio"].mean().to_numpy()
+            own_last = rows[rows["task"] == last]["current_ratio"].to_numpy()
+            flagged_own = float((rows["current_ratio"] < threshold).mean())
+            flagged_fixed = float((rows["trainability_ratio"] < threshold).mean())
+            lines.append(
+                f"| {LABELS[variant]} | {group} | {np.mean(fixed):.2f} ± {ci95(fixed):.2f} | "
+                f"{np.mean(own):.2f} ± {ci95(own):.2f} | {np.mean(own_last):.2f} ± {ci95(own_last):.2f} | "
+                f"{flagged_own:.0%} | {flagged_fixed:.0%} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=DEFAULT_OUT)
@@ -226,6 +257,9 @@ def main() -> None:
     print(summary_table(returns, starts, feature_means, entropy, variants))
     print("\nR² of a task's return (late half) on its task-start measurement, tasks 1+ × variants × seeds\n")
     print(r_squared_table(returns, starts))
+    if "current_ratio" in starts.columns:
+        print("\nTrainability ratio at task starts on the task-0 scale and on each spectrum's own scale\n")
+        print(current_scale_table(starts, variants))
     print("\nmedian seconds per run:", seconds.round(0).to_dict())
     print(f"protocol: {metas[0]['tasks']} tasks x {task_length} steps, env {metas[0]['env']}")
 
