@@ -130,7 +130,9 @@ def test_continual_study_and_report(tmp_path: Path) -> None:
     # One task-1 point per variant: three with the reset variant, two without it (too few: a dash).
     assert re.search(r"\| ε-rank, ε = 0\.01 \| actor \| \d\.\d\d \([+−]\) \| – \| 3 \|", output)
     assert "| trainability ratio, own scale (÷ task-0 ε-rank) | critic |" in output
-    assert re.search(r"\| PPO\+L2\+ER \| actor \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| \d+% \| \d+% \|", output)
+    assert re.search(
+        r"\| PPO\+L2\+ER \| actor \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| \d+% \| \d+% \|", output
+    )
     for name in ("small_returns", "small_curvature", "small_features"):
         assert (docs / "img" / f"{name}.png").stat().st_size > 0
     assert len(read_csv(docs / "data" / "small_returns.csv")) == 6
