@@ -138,6 +138,26 @@ def test_continual_study_and_report(tmp_path: Path) -> None:
     assert len(read_csv(docs / "data" / "small_returns.csv")) == 6
 
 
+def test_continual_report_leaves_out_runs_recorded_before_the_own_scale_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # report.py imports analysis.py from the benchmarks folder
+    monkeypatch.syspath_prepend(str(BENCHMARKS / "continual"))  # and study.py from its own
+    report = _load(BENCHMARKS / "continual" / "report.py")
+    rows = []
+    for variant, current in (("ppo", 0.1), ("reset", None)):  # reset: an older run without the own-scale columns
+        for seed in (1, 2):
+            for task in (0, 1, 2):
+                for group in ("actor", "critic"):
+                    ratio = 1.0 if task == 0 else current
+                    rows.append(
+                        dict(variant=variant, seed=seed, task=task, group=group, trainability_ratio=1.0, current_ratio=ratio)
+                    )
+    table = report.current_scale_table(pd.DataFrame(rows), ["ppo", "reset"])
+    assert "| PPO | actor | 1.00 ± 0.00 | 0.10 ± 0.00 | 0.10 ± 0.00 | 100% | 0% |" in table
+    assert "reset at each task" not in table
+
+
 def test_tensorboard_screenshot_from_a_headless_browser(tmp_path: Path) -> None:
     script = str(BENCHMARKS / "screenshots" / "tensorboard_layout.py")
     missing = subprocess.run(

@@ -90,7 +90,8 @@ def r_squared_table(returns: pd.DataFrame, starts: pd.DataFrame) -> str:
     ]
     for label, column in predictors.items():
         for group in ("actor", "critic"):
-            rows = points[points["group"] == group]
+            # Runs recorded before a predictor existed lack it (the own-scale columns): those points are left out.
+            rows = points[points["group"] == group].dropna(subset=[column])
             cells = []
             for subset in (rows, rows[rows["variant"] != "reset"]):
                 value, sign, _ = r_squared(subset[column], subset["late_half_return"])
@@ -216,6 +217,7 @@ def current_scale_table(starts: pd.DataFrame, variants: list[str], threshold: fl
         "|---|---|---|---|---|---|---|",
     ]
     last = int(starts["task"].max())
+    starts = starts.dropna(subset=["current_ratio"])  # runs recorded before the own-scale columns existed
     for variant in variants:
         for group in ("actor", "critic"):
             rows = starts[(starts["variant"] == variant) & (starts["group"] == group) & (starts["task"] > 0)]
