@@ -124,7 +124,7 @@ class PenaltyTerms:
         term = -self.erank_coef * self.rank_objective(features)
         self._term_sums[("erank", level)] += term.item()
         self._term_counts[("erank", level)] += 1
-        return term * weight if weight != 1.0 else term
+        return term * weight
 
     def parameter_loss(self, level: str) -> th.Tensor | None:
         """The L2 terms of ``level``'s parameters as a differentiable tensor (``None`` if there are none)."""

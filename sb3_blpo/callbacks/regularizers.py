@@ -214,9 +214,10 @@ class PlasticityRegularizer(InstanceOnlyCallback, BaseCallback):
     # ------------------------------------------------------------------ install / remove
     def _on_training_start(self) -> None:
         self.remove()  # a learn() interrupted by an exception never called _on_training_end
-        rank_coef = self.erank_coef if not self._ascent else 0.0
-        terms = (rank_coef, self._layer_names, self.center, self._penalty, self._params, self._anchors(), self.erank_every)
-        self._terms = PenaltyTerms(*terms)
+        anchors, rank_coef = self._anchors(), (self.erank_coef if not self._ascent else 0.0)
+        self._terms = PenaltyTerms(
+            rank_coef, self._layer_names, self.center, self._penalty, self._params, anchors, self.erank_every
+        )
         if self._loss_terms:
             # The model evaluates the actor term exactly once per minibatch: that counts minibatches in ascent mode.
             self._delivery = LossTermDelivery(self.model, self._terms, self._access, self._count_minibatch)

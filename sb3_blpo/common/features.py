@@ -90,9 +90,10 @@ class HiddenLayers:
         if vf_extractor is not pi_extractor and any(True for _ in vf_extractor.parameters()):
             layers["vf_features"] = vf_extractor
         if is_recurrent_policy(self.policy):
-            layers["pi_lstm"] = getattr(self.policy, "lstm_actor")  # noqa: B009 (not an ActorCriticPolicy attribute)
-            if isinstance(critic_lstm := getattr(self.policy, "lstm_critic", None), nn.LSTM):
-                layers["vf_lstm"] = critic_lstm
+            recurrent_policy: Any = self.policy  # sb3-contrib's RecurrentActorCriticPolicy
+            layers["pi_lstm"] = recurrent_policy.lstm_actor
+            if isinstance(recurrent_policy.lstm_critic, nn.LSTM):
+                layers["vf_lstm"] = recurrent_policy.lstm_critic
         layers.update(hidden_layers_of(policy_net, "pi"))
         layers.update(hidden_layers_of(value_net, "vf"))
         return layers
